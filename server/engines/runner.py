@@ -1,0 +1,105 @@
+"""One transformers causal LM with a slot KV cache: extend one sequence, or decode one token for all at once.
+
+This is the per-model primitive of the lock-step engine. A step of a token-level strategy asks each model of a
+group (base, guides) for the next-token logits of its live sequences; every call here is one batched forward.
+Logits come back in float32 over the real vocabulary (padded lm_head rows sliced off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from server.engines.kv_cache import SlotKVCache
+
+
+class SlotsExhausted(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """A live sequence's row in the cache. `index` changes when the cache compacts; `length` is tokens cached."""
+    index: int
+    length: int = 0
+
+
+class ModelRunner:
+    def __init__(self, model, *, vocab_size: int, max_slots: int, max_len: int):
+        config = model.config
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.vocab_size = vocab_size
+        self.max_len = max_len
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache = SlotKVCache(
+            num_layers=config.num_hidden_layers, num_slots=max_slots,
+            num_kv_heads=config.num_key_value_heads, head_dim=head_dim, max_len=max_len,
+            dtype=model.dtype, device=self.device)
+        self.live: list[Slot] = []
+        self.forward_passes = 0
+
+    @property
+    def free_slots(self) -> int:
+        return self.cache.num_slots - len(self.live)
+
+    def open(self) -> Slot:
+        if not self.free_slots:
+            raise SlotsExhausted(f"all {self.cache.num_slots} slots are in use")
+        slot = Slot(index=len(self.live))
+        self.live.append(slot)
+        return slot
+
+    def close(self, slot: Slot) -> None:
+        """Frees the slot; the last live sequence moves into the hole so live slots stay 0..n-1."""
+        last = self.live.pop()
+        if last is not slot:
+            self.cache.move(last.index, slot.index, last.length)
+            last.index = slot.index
+            self.live[slot.index] = last
+        slot.index = -1
+
+    @torch.inference_mode()
+    def extend(self, slot: Slot, token_ids: list[int]) -> torch.Tensor:
+        """Appends tokens to one sequence (prefill, or catch-up) and returns next-token logits [V] in float32."""
+        start, count = slot.length, len(token_ids)
+        if start + count > self.max_len:
+            raise ValueError(f"sequence would reach {start + count} tokens, over the cache's {self.max_len}")
+        ids = torch.tensor([token_ids], device=self.device)
+        positions = torch.arange(start, start + count, device=self.device).unsqueeze(0)
+        keys = torch.arange(start + count, device=self.device)
+        mask = (keys.unsqueeze(0) <= positions.squeeze(0).unsqueeze(1))[None, None]
+        self.cache.plan_extend(slot.index, start, count)
+        logits = self._forward(ids, mask, positions)
+        slot.length += count
+        return logits[0]
+
+    @torch.inference_mode()
+    def decode(self, slots: list[Slot], token_ids: list[int]) -> torch.Tensor:
+        """One new token for every live sequence; returns logits [len(slots), V] in the order of `slots`.
+
+        `slots` must be exactly the live slots (in any order): the batch is the whole compact cache.
+        """
+        if len(slots) != len(self.live):
+            raise ValueError(f"decode needs all {len(self.live)} live slots, got {len(slots)}")
+        order = torch.tensor([s.index for s in slots], device=self.device)
+        ids = torch.empty(len(slots), dtype=torch.long, device=self.device)
+        ids[order] = torch.tensor(token_ids, device=self.device)
+        positions = torch.empty(len(slots), dtype=torch.long, device=self.device)
+        positions[order] = torch.tensor([s.length for s in slots], device=self.device)
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"a sequence is at the cache's limit of {self.max_len} tokens")
+        keys = torch.arange(int(positions.max()) + 1, device=self.device)
+        mask = (keys.unsqueeze(0) <= positions.unsqueeze(1))[:, None, None, :]
+        self.cache.plan_decode(len(slots), positions)
+        logits = self._forward(ids.unsqueeze(1), mask, positions.unsqueeze(1))
+        for s in slots:
+            s.length += 1
+        return logits[order]
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        self.forward_passes += 1
+        return out.logits[:, -1, :self.vocab_size].float()
