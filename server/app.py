@@ -1,0 +1,154 @@
+"""The Ray Serve application: one deployment per model group, and a gRPC front end that routes to them.
+
+Why our own grpc.aio front end rather than Ray Serve's gRPC ingress (`gRPCOptions`): as of Ray 2.60 Serve's ingress
+has no standard `grpc.health.v1` service (Kubernetes gRPC probes, grpcurl), no TLS, no server interceptors (auth,
+tracing) and does not pass the client's deadline on to replicas (../shared/SERVING_NOTES.md, section A). Our front
+end is a Serve deployment too, so the whole app is one Serve config (replicas, resources, autoscaling); it serves
+`chorus.v1.Decoding`, health and reflection on one port, turns the client's deadline into an engine deadline, and
+calls the group deployments through handles (about 1.5 ms a call on loopback here, vs ~10 ms through Serve's
+proxy). One front-end replica binds one address; scale it out with one per node behind a Service/LB.
+
+Errors cross the handle in-band: a replica's generator yields a `RemoteError` as its last item instead of raising,
+so the status code chosen in the replica reaches the client unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import AsyncIterator
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from server.config import ChorusConfig, parse_chorus_config
+from server.engines.base import GenerationChunk, GenerationRequest
+from server.errors import ChorusError, status_code_name
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteError:
+    code: str
+    message: str
+
+    def to_exception(self) -> ChorusError:
+        error = ChorusError(self.message)
+        error.code = self.code
+        return error
+
+
+def make_engine(config: ChorusConfig, group_name: str):
+    group = config.groups[group_name]
+    model = config.models[group.base]
+    if model.engine == "transformers":
+        from server.engines.transformers_engine import TransformersEngine
+        return TransformersEngine(model, group)
+    raise ValueError(f"no engine {model.engine!r}")  # parse_chorus_config already refused it
+
+
+@serve.deployment(name="group", max_ongoing_requests=1024)
+class ModelGroup:
+    """Hosts one group's models (the base and, with token-level strategies, its guides) in each replica."""
+
+    def __init__(self, args: dict, group_name: str):
+        self._config = parse_chorus_config(args)
+        self._group = self._config.groups[group_name]
+        self._engine = make_engine(self._config, group_name)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk | RemoteError]:
+        try:
+            async for chunk in self._engine.generate(request):
+                yield chunk
+        except Exception as error:
+            code = status_code_name(error)
+            if code == "INTERNAL":
+                log.exception("request %s failed in the engine", request.request_id)
+            yield RemoteError(code=code, message=str(error))
+
+    def describe(self) -> dict:
+        info, load = self._engine.info(), self._engine.load()
+        return {"model": self._group.base, "group": self._group.name, **dataclasses.asdict(info),
+                "running": load.running, "waiting": load.waiting}
+
+    def __del__(self):
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+class HandleRouter:
+    """Routes a request to its model's group deployment and unpacks the stream."""
+
+    def __init__(self, config: ChorusConfig, groups: dict[str, DeploymentHandle]):
+        self._config = config
+        self._handles = {config.groups[name].base: handle for name, handle in groups.items()}
+
+    async def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        stream = self._handles[model].options(stream=True).generate.remote(request)
+        try:
+            async for item in stream:
+                if isinstance(item, RemoteError):
+                    raise item.to_exception()
+                yield item
+        finally:
+            stream.cancel()  # no-op when the stream ended; aborts the engine work when the client went away
+
+    async def describe(self) -> list[dict]:
+        return list(await asyncio.gather(*(h.describe.remote() for h in self._handles.values())))
+
+
+@serve.deployment(name="frontend", num_replicas=1, ray_actor_options={"num_cpus": 0})
+class Frontend:
+    """The gRPC front end: chorus.v1.Decoding, grpc.health.v1 and reflection on one port."""
+
+    async def __init__(self, args: dict, groups: dict[str, DeploymentHandle]):
+        import grpc
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        from chorus.v1 import decoding_pb2, decoding_pb2_grpc
+        from server.service import DecodingService
+
+        config = parse_chorus_config(args)
+        self._router = HandleRouter(config, groups)
+        self._health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(maximum_concurrent_rpcs=config.frontend.max_concurrent_rpcs)
+        decoding_pb2_grpc.add_DecodingServicer_to_server(DecodingService(config, self._router), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        service_name = decoding_pb2.DESCRIPTOR.services_by_name["Decoding"].full_name
+        reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self._server)
+        self._services = ("", service_name)
+        for name in self._services:
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{config.frontend.host}:{config.frontend.port}"
+        if self._server.add_insecure_port(address) == 0:
+            raise ChorusError(f"cannot bind the gRPC front end to {address}")
+        await self._server.start()
+        log.info("chorus gRPC front end listening on %s", address)
+        self._ready = asyncio.get_running_loop().create_task(self._mark_serving_when_groups_answer())
+
+    async def _mark_serving_when_groups_answer(self) -> None:
+        from grpc_health.v1 import health_pb2
+        await self._router.describe()  # waits for one replica of every group
+        for name in self._services:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("chorus is SERVING")
+
+    async def check_health(self) -> None:
+        if self._ready.done() and self._ready.exception() is not None:
+            raise RuntimeError(f"model groups failed to start: {self._ready.exception()!r}")
+
+    async def __del__(self):
+        await self._server.stop(grace=5)
+
+
+def build_app(args: dict) -> serve.Application:
+    """Serve's application builder (`import_path: server.app:build_app`); `args` are the Chorus config."""
+    config = parse_chorus_config(args)
+    groups = {name: ModelGroup.options(name=group.deployment_name).bind(args, name)
+              for name, group in config.groups.items()}
+    return Frontend.bind(args, groups)

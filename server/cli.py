@@ -1,0 +1,213 @@
+"""`chorus`: serve a deploy file, call a running server, fetch the embedded models.
+
+    chorus serve --config deploy/local.yaml          start Ray + the Serve app in the foreground
+    chorus generate "Hello" [--chat] [--stream]      one request against a running server
+    chorus models                                    the server's models and strategies
+    chorus fetch-models                              download and convert the embedded models once
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+
+from server.errors import ConfigError
+from server.models import ModelFetchError
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _cmd_fetch_models(args) -> int:
+    from server.models import fetch_all
+    fetch_all(force=args.force)
+    return 0
+
+
+def _wait_until_serving(address: str, app_name: str, timeout_s: float, stop: threading.Event) -> str | None:
+    """Polls grpc.health.v1 until SERVING; returns an error text if the app failed or time ran out."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline and not stop.is_set():
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return None
+            except grpc.RpcError:
+                pass
+            app = serve.status().applications.get(app_name)
+            if app is not None and app.status == "DEPLOY_FAILED":
+                return f"application {app_name!r} failed to deploy:\n{app.message}"
+            time.sleep(1)
+    return "interrupted" if stop.is_set() else f"not SERVING after {timeout_s:.0f} s"
+
+
+def _cmd_serve(args) -> int:
+    from server.config import load_deploy_file
+    from server.models import resolve_model_path
+
+    deploy = load_deploy_file(args.config, port=args.port, host=args.host)
+    for spec in deploy.chorus.models.values():
+        resolve_model_path(spec.path)  # fail now, before Ray starts, if a model is missing
+    frontend = deploy.chorus.frontend
+    address = f"{frontend.host}:{frontend.port}"
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    import ray
+    from ray import serve
+    # serve_start/deploy_apps are what `serve run CONFIG` itself calls: the file keeps Serve's exact semantics
+    # (deployments, autoscaling, resources), and this process owns the local Ray cluster so Ctrl-C leaves none.
+    from ray.serve._private.api import serve_start
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(deploy.serve_config)
+    ray.init(namespace="serve", include_dashboard=False, object_store_memory=args.object_store_mb * 2**20,
+             log_to_driver=True)
+    try:
+        client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
+                             grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+                             controller_options=schema.controller_options)
+        client.deploy_apps(schema, _blocking=False)
+        print(f"[chorus] deploying {deploy.path} ...", flush=True)
+        error = _wait_until_serving(address, deploy.app_name, args.ready_timeout, stop)
+        if error:
+            print(f"[chorus] {error}", file=sys.stderr, flush=True)
+            return 1
+        print(f"[chorus] ready: chorus.v1.Decoding on {address} (models: {', '.join(deploy.chorus.base_models)})",
+              flush=True)
+        print(f"[chorus] try: chorus generate --address {address} --chat 'What is the capital of France?'",
+              flush=True)
+        stop.wait()
+        print("[chorus] shutting down", flush=True)
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _channel(address: str):
+    import grpc
+    return grpc.insecure_channel(address)
+
+
+def _cmd_generate(args) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from chorus.v1 import decoding_pb2 as pb
+    from chorus.v1 import decoding_pb2_grpc as pb_grpc
+
+    sampling = pb.SamplingParams(stop=args.stop or [], ignore_eos=args.ignore_eos)
+    for field in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        value = getattr(args, field)
+        if value is not None:
+            setattr(sampling, field, value)
+    request = pb.GenerateRequest(model=args.model, sampling=sampling)
+    if args.chat:
+        request.messages.append(pb.ChatMessage(role="user", content=args.prompt))
+    else:
+        request.prompt = args.prompt
+    with _channel(args.address) as channel:
+        stub = pb_grpc.DecodingStub(channel)
+        try:
+            if args.stream:
+                for message in stub.GenerateStream(request, timeout=args.timeout):
+                    if args.json:
+                        print(json_format.MessageToJson(message, indent=None), flush=True)
+                    else:
+                        print(message.text, end="", flush=True)
+                if not args.json:
+                    print()
+            else:
+                response = stub.Generate(request, timeout=args.timeout)
+                print(json_format.MessageToJson(response) if args.json else response.text)
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from google.protobuf import json_format
+
+    from chorus.v1 import decoding_pb2 as pb
+    from chorus.v1 import decoding_pb2_grpc as pb_grpc
+
+    with _channel(args.address) as channel:
+        response = pb_grpc.DecodingStub(channel).ListModels(pb.ListModelsRequest(), timeout=args.timeout)
+    if args.json:
+        print(json_format.MessageToJson(response))
+        return 0
+    for m in response.models:
+        available = [s.strategy for s in m.strategies if s.available]
+        print(f"{m.name}{' (default)' if m.is_default else ''}: {m.role}, group {m.group}, {m.engine} on "
+              f"{m.device} {m.dtype}, context {m.max_model_len}; strategies: {', '.join(available)}; "
+              f"running {m.running_requests}, waiting {m.waiting_requests}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chorus", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve_p = sub.add_parser("serve", help="start the server in the foreground")
+    serve_p.add_argument("--config", default="deploy/local.yaml", help="a deploy file (a Ray Serve config)")
+    serve_p.add_argument("--host", help="override frontend.host")
+    serve_p.add_argument("--port", type=int, help="override frontend.port")
+    serve_p.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for SERVING")
+    serve_p.add_argument("--object-store-mb", type=int, default=512, help="Ray object store size")
+    serve_p.set_defaults(func=_cmd_serve)
+
+    gen = sub.add_parser("generate", help="generate text with a running server")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    gen.add_argument("--stream", action="store_true")
+    gen.add_argument("--model", default="", help="base model (default: the server's default)")
+    gen.add_argument("--max-tokens", dest="max_tokens", type=int)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", dest="top_p", type=float)
+    gen.add_argument("--top-k", dest="top_k", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", dest="ignore_eos", action="store_true")
+    gen.add_argument("--json", action="store_true", help="print the response message(s) as JSON")
+    gen.set_defaults(func=_cmd_generate)
+
+    models = sub.add_parser("models", help="list the server's models")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=_cmd_models)
+
+    for p in (gen, models):
+        p.add_argument("--address", default=DEFAULT_ADDRESS)
+        p.add_argument("--timeout", type=float, default=300, help="RPC deadline in seconds")
+
+    fetch = sub.add_parser("fetch-models", help="download and convert the embedded models into the cache")
+    fetch.add_argument("--force", action="store_true", help="convert again even if present")
+    fetch.set_defaults(func=_cmd_fetch_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ModelFetchError) as error:
+        print(f"chorus: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The gRPC servicer: translates between protobuf and domain objects, and maps errors to status codes here only.
+
+It holds no model: each request is routed by `model` to the Ray Serve deployment of that model's group through
+a `GroupRouter`. Streaming results arrive from the replica as GenerationChunks; errors the replica reports arrive
+in-band (a `RemoteError` as the stream's last item) so their status code survives the hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Protocol
+
+import grpc
+
+from chorus.v1 import decoding_pb2 as pb
+from chorus.v1 import decoding_pb2_grpc as pb_grpc
+from decoding.errors import InvalidArgument
+from decoding.sampling import SamplingParams
+from server.config import ChorusConfig
+from server.engines.base import ChatMessage, GenerationChunk, GenerationRequest
+from server.errors import NotFound, Unimplemented, status_code_name
+
+log = logging.getLogger("ray.serve.chorus")  # a child of Serve's logger: same format, same files
+
+STRATEGIES = ("contrastive", "logit_fusion", "entropy_switch", "refusal_steering", "best_of_n")
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+class GroupRouter(Protocol):
+    def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+
+    async def describe(self) -> list[dict]: ...
+
+
+def to_sampling(proto: pb.SamplingParams) -> SamplingParams:
+    def opt(name, default):
+        return getattr(proto, name) if proto.HasField(name) else default
+
+    return SamplingParams(
+        max_tokens=opt("max_tokens", SamplingParams.max_tokens),
+        temperature=opt("temperature", SamplingParams.temperature),
+        top_p=opt("top_p", SamplingParams.top_p),
+        top_k=opt("top_k", SamplingParams.top_k),
+        seed=opt("seed", None),
+        stop=tuple(proto.stop),
+        ignore_eos=proto.ignore_eos,
+    ).validate()
+
+
+def to_generation_request(proto: pb.GenerateRequest, request_id: str, deadline: float | None
+                          ) -> GenerationRequest:
+    strategy = proto.WhichOneof("strategy")
+    if strategy is not None:
+        raise Unimplemented(f"strategy {strategy!r} is declared in the API but not implemented yet")
+    if proto.prompt and proto.messages:
+        raise InvalidArgument("prompt", "give either prompt or messages, not both")
+    if not proto.prompt and not proto.messages:
+        raise InvalidArgument("prompt", "empty: give a non-empty prompt or at least one message")
+    return GenerationRequest(
+        request_id=request_id,
+        sampling=to_sampling(proto.sampling),
+        prompt=proto.prompt or None,
+        messages=tuple(ChatMessage(role=m.role, content=m.content) for m in proto.messages),
+        deadline=deadline,
+    )
+
+
+def _usage_proto(chunk: GenerationChunk) -> pb.Usage:
+    return pb.Usage(prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens,
+                    forward_passes=chunk.usage.forward_passes)
+
+
+class DecodingService(pb_grpc.DecodingServicer):
+    def __init__(self, config: ChorusConfig, router: GroupRouter):
+        self._config = config
+        self._router = router
+
+    async def Generate(self, request, context):
+        text, token_ids, last = [], [], None
+        async for model, request_id, chunk in self._generate(request, context, "Generate"):
+            text.append(chunk.text)
+            token_ids.extend(chunk.token_ids)
+            last = chunk
+        return pb.GenerateResponse(
+            text="".join(text), token_ids=token_ids, finish_reason=_FINISH[last.finish_reason],
+            usage=_usage_proto(last), request_id=request_id, model=model, seed=last.seed)
+
+    async def GenerateStream(self, request, context):
+        async for model, request_id, chunk in self._generate(request, context, "GenerateStream"):
+            message = pb.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids, request_id=request_id,
+                                          model=model)
+            if chunk.finish_reason is not None:
+                message.finish_reason = _FINISH[chunk.finish_reason]
+                message.usage.CopyFrom(_usage_proto(chunk))
+                message.seed = chunk.seed
+            yield message
+
+    async def _generate(self, request, context, rpc: str):
+        """Validates, routes and streams one request; logs one line for it; maps every failure to a status."""
+        started = time.monotonic()
+        request_id = request.request_id or uuid.uuid4().hex
+        model = request.model or self._config.default_model
+        strategy = request.WhichOneof("strategy") or "plain"
+        status, prompt_tokens, completion_tokens = "OK", 0, 0
+        try:
+            if model not in self._config.base_models:
+                raise NotFound(f"model {model!r} is not served here; ListModels lists {self._config.base_models}")
+            remaining = context.time_remaining()
+            deadline = time.time() + remaining if remaining is not None else None
+            domain = to_generation_request(request, request_id, deadline)
+            async for chunk in self._router.generate(model, domain):
+                if chunk.usage is not None:
+                    prompt_tokens, completion_tokens = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
+                yield model, request_id, chunk
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            raise
+        except Exception as error:
+            status = status_code_name(error)
+            if status == "INTERNAL":
+                log.exception("request %s failed", request_id)
+            await context.abort(getattr(grpc.StatusCode, status), str(error)[:4000])
+        finally:
+            log.info("request id=%s rpc=%s model=%s strategy=%s prompt_tokens=%d completion_tokens=%d "
+                     "latency_ms=%.1f status=%s", request_id, rpc, model, strategy, prompt_tokens,
+                     completion_tokens, 1000 * (time.monotonic() - started), status)
+
+    async def Rerank(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "Rerank (listwise single-token reranking) is declared in the API but not implemented yet")
+
+    async def ListModels(self, request, context):
+        models = []
+        for entry in await self._router.describe():
+            model_name = entry["model"]
+            models.append(pb.ModelInfo(
+                name=model_name, role="base", group=entry["group"], engine=entry["engine"],
+                device=entry["device"], dtype=entry["dtype"], max_model_len=entry["max_model_len"],
+                is_default=model_name == self._config.default_model,
+                strategies=[pb.StrategySupport(strategy="plain", available=True)] + [
+                    pb.StrategySupport(strategy=s, available=False, reason="not implemented yet")
+                    for s in STRATEGIES],
+                running_requests=entry["running"], waiting_requests=entry["waiting"]))
+        return pb.ListModelsResponse(models=models)
