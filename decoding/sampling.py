@@ -75,7 +75,7 @@ def _filtered_scores(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
     drop_sorted = ranks >= k
     probs = torch.softmax(sorted_scores.masked_fill(drop_sorted, -math.inf), dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop_sorted |= mass_before >= top_p.unsqueeze(1)
+    drop_sorted |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
     drop_sorted[:, 0] = False  # the most likely token always survives
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return scores.masked_fill(drop, -math.inf)

@@ -67,6 +67,16 @@ def stop_token_ids(tokenizer, model_config, generation_config) -> frozenset[int]
     return frozenset(ids)
 
 
+def _deliverer(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[object], None]:
+    """Hands an event from the engine thread to the caller's loop; a caller whose loop has closed is gone."""
+    def deliver(event: object) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+    return deliver
+
+
 @dataclasses.dataclass(eq=False)
 class _Sequence:
     request: GenerationRequest
@@ -144,7 +154,7 @@ class TransformersEngine(Engine):
             generator=None if sampling.greedy else make_generator(seed, self._runner.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer.backend_tokenizer, prompt_ids),
             stops=StopStringMatcher(sampling.stop),
-            deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+            deliver=_deliverer(loop, events))
         with self._lock:
             if self._stopping:
                 raise Unavailable("the engine is shutting down")

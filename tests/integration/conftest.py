@@ -1,0 +1,97 @@
+"""The real server, started once per test session as a separate process: `chorus serve` with deploy/local.yaml
+(Ray Serve + the grpc.aio front end + the transformers engine on the real SmolLM2 weights) on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from chorus.v1 import decoding_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_processes() -> set[str]:
+    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+class Server:
+    def __init__(self, config: str):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = ROOT / ".pytest_cache" / f"server-{self.port}.log"
+        self.log_path.parent.mkdir(exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--config", config, "--port", str(self.port)],
+            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_serving(self, timeout: float = 600) -> None:
+        deadline = time.time() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.time() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(1)
+        raise RuntimeError(f"server not SERVING after {timeout} s:\n{self.log()[-4000:]}")
+
+    def stop(self, sig=signal.SIGINT, timeout: float = 90) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server(model_path):
+    before = ray_processes()
+    server = Server("deploy/local.yaml")
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        code = server.stop()
+    assert code == 0, f"server exited with {code} on SIGINT:\n{server.log()[-3000:]}"
+    assert ray_processes() <= before, "Ray processes were left behind"
+
+
+@pytest.fixture(scope="session")
+def channel(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def stub(channel):
+    return pb_grpc.DecodingStub(channel)

@@ -1,0 +1,152 @@
+"""The real server over gRPC from this (separate) process: answers, streaming, seeds, batching, health,
+reflection, errors, deadlines."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from chorus.v1 import decoding_pb2 as pb
+
+pytestmark = pytest.mark.integration
+
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is 2 + 2?",
+             "Who wrote Hamlet?", "What is the largest planet?", "Translate 'cat' to French.",
+             "What color is the sky?", "How many legs does a spider have?"]
+
+
+def chat(question: str, **sampling) -> pb.GenerateRequest:
+    return pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=question)],
+                              sampling=pb.SamplingParams(**sampling))
+
+
+def test_greedy_chat_answer_contains_paris(stub):
+    response = stub.Generate(chat(QUESTIONS[0], temperature=0, max_tokens=32), timeout=120)
+    assert "Paris" in response.text
+    assert response.finish_reason == pb.FINISH_REASON_STOP
+    assert response.model == "smollm2-135m-instruct"
+    assert response.usage.completion_tokens == len(response.token_ids)
+    assert response.usage.prompt_tokens > 0
+    assert response.usage.forward_passes["smollm2-135m-instruct"] == len(response.token_ids)
+
+
+def test_streamed_text_equals_unary_text(stub):
+    request = chat("Write two sentences about the ocean.", temperature=0, max_tokens=48)
+    unary = stub.Generate(request, timeout=120)
+    messages = list(stub.GenerateStream(request, timeout=120))
+    assert len(messages) > 1
+    assert "".join(m.text for m in messages) == unary.text
+    assert [t for m in messages for t in m.token_ids] == list(unary.token_ids)
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in messages[:-1])
+    assert messages[-1].finish_reason == unary.finish_reason
+    assert messages[-1].usage.completion_tokens == unary.usage.completion_tokens
+
+
+def test_same_seed_same_sample(stub):
+    request = chat("Invent a name for a cat.", temperature=1.0, top_p=0.95, seed=42, max_tokens=24)
+    first, second = (stub.Generate(request, timeout=120) for _ in range(2))
+    assert first.text == second.text and first.seed == second.seed == 42
+    other = stub.Generate(chat("Invent a name for a cat.", temperature=1.0, top_p=0.95, seed=43, max_tokens=24),
+                          timeout=120)
+    assert other.token_ids != first.token_ids
+
+
+def test_eight_concurrent_greedy_requests_equal_their_solo_runs(stub):
+    requests = [chat(q, temperature=0, max_tokens=32) for q in QUESTIONS]
+    solo = [stub.Generate(r, timeout=120).text for r in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda r: stub.Generate(r, timeout=300).text, requests))
+    assert together == solo
+
+
+def test_health_is_serving(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "chorus.v1.Decoding"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_decoding_service(channel):
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                timeout=10)
+    services = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"chorus.v1.Decoding", "grpc.health.v1.Health"} <= services
+
+
+def test_list_models(stub):
+    models = stub.ListModels(pb.ListModelsRequest(), timeout=30).models
+    assert [m.name for m in models] == ["smollm2-135m-instruct"]
+    model = models[0]
+    assert model.is_default and model.role == "base" and model.engine == "transformers"
+    assert model.max_model_len == 2048
+    support = {s.strategy: s for s in model.strategies}
+    assert support["plain"].available
+    assert not support["contrastive"].available and support["contrastive"].reason
+
+
+def test_unknown_model_is_not_found(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(pb.GenerateRequest(model="no-such-model", prompt="hi"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-model" in info.value.details()
+
+
+@pytest.mark.parametrize("request_, field", [
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=-1)), "sampling.max_tokens"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=-0.5)), "sampling.temperature"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=0)), "sampling.top_p"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=1.5)), "sampling.top_p"),
+    (pb.GenerateRequest(prompt=""), "prompt"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=100_000)), "sampling.max_tokens"),
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="robot", content="hi")]), "messages[0].role"),
+])
+def test_bad_input_is_invalid_argument_naming_the_field(stub, request_, field):
+    for call in (stub.Generate, lambda r, timeout: list(stub.GenerateStream(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request_, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith(field), info.value.details()
+
+
+def test_unbuilt_strategy_is_unimplemented_naming_it(stub):
+    request = chat("hi")
+    request.contrastive.SetInParent()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "contrastive" in info.value.details()
+
+
+def test_deadline_exceeded_stops_the_work_and_the_server_keeps_serving(stub):
+    long_request = chat("Count from one to one thousand.", max_tokens=1500, ignore_eos=True)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(long_request, timeout=1.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 10
+    # The engine dropped the sequence: nothing is left running or waiting.
+    for _ in range(50):
+        model = stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]
+        if model.running_requests == 0 and model.waiting_requests == 0:
+            break
+        time.sleep(0.2)
+    assert (model.running_requests, model.waiting_requests) == (0, 0)
+    assert "Paris" in stub.Generate(chat(QUESTIONS[0], temperature=0, max_tokens=32), timeout=120).text
+
+
+def test_cancelled_stream_stops_the_work(stub):
+    stream = stub.GenerateStream(chat("Tell me a very long story.", max_tokens=1500, ignore_eos=True), timeout=120)
+    next(stream)
+    stream.cancel()
+    for _ in range(50):
+        model = stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]
+        if model.running_requests == 0:
+            break
+        time.sleep(0.2)
+    assert model.running_requests == 0
