@@ -15,6 +15,7 @@ so the status code chosen in the replica reaches the client unchanged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from typing import AsyncIterator
@@ -60,8 +61,9 @@ class ModelGroup:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk | RemoteError]:
         try:
-            async for chunk in self._engine.generate(request):
-                yield chunk
+            async with contextlib.aclosing(self._engine.generate(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         except Exception as error:
             code = status_code_name(error)
             if code == "INTERNAL":

@@ -8,6 +8,7 @@ in-band (a `RemoteError` as the stream's last item) so their status code survive
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -68,6 +69,13 @@ def to_generation_request(proto: pb.GenerateRequest, request_id: str, deadline: 
     )
 
 
+def _cancellation_status(context) -> str:
+    """Why a call ended early. grpc cancels the handler when the deadline passes, a few ms either side of it by
+    the server's clock (the deadline travels as a relative timeout), hence the margin."""
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0.05 else "CANCELLED"
+
+
 def _usage_proto(chunk: GenerationChunk) -> pb.Usage:
     return pb.Usage(prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens,
                     forward_passes=chunk.usage.forward_passes)
@@ -80,23 +88,25 @@ class DecodingService(pb_grpc.DecodingServicer):
 
     async def Generate(self, request, context):
         text, token_ids, last = [], [], None
-        async for model, request_id, chunk in self._generate(request, context, "Generate"):
-            text.append(chunk.text)
-            token_ids.extend(chunk.token_ids)
-            last = chunk
+        async with contextlib.aclosing(self._generate(request, context, "Generate")) as chunks:
+            async for model, request_id, chunk in chunks:
+                text.append(chunk.text)
+                token_ids.extend(chunk.token_ids)
+                last = chunk
         return pb.GenerateResponse(
             text="".join(text), token_ids=token_ids, finish_reason=_FINISH[last.finish_reason],
             usage=_usage_proto(last), request_id=request_id, model=model, seed=last.seed)
 
     async def GenerateStream(self, request, context):
-        async for model, request_id, chunk in self._generate(request, context, "GenerateStream"):
-            message = pb.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids, request_id=request_id,
-                                          model=model)
-            if chunk.finish_reason is not None:
-                message.finish_reason = _FINISH[chunk.finish_reason]
-                message.usage.CopyFrom(_usage_proto(chunk))
-                message.seed = chunk.seed
-            yield message
+        async with contextlib.aclosing(self._generate(request, context, "GenerateStream")) as chunks:
+            async for model, request_id, chunk in chunks:
+                message = pb.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids, request_id=request_id,
+                                              model=model)
+                if chunk.finish_reason is not None:
+                    message.finish_reason = _FINISH[chunk.finish_reason]
+                    message.usage.CopyFrom(_usage_proto(chunk))
+                    message.seed = chunk.seed
+                yield message
 
     async def _generate(self, request, context, rpc: str):
         """Validates, routes and streams one request; logs one line for it; maps every failure to a status."""
@@ -104,27 +114,29 @@ class DecodingService(pb_grpc.DecodingServicer):
         request_id = request.request_id or uuid.uuid4().hex
         model = request.model or self._config.default_model
         strategy = request.WhichOneof("strategy") or "plain"
-        status, prompt_tokens, completion_tokens = "OK", 0, 0
+        status, prompt_tokens, completion_tokens = None, 0, 0
         try:
             if model not in self._config.base_models:
                 raise NotFound(f"model {model!r} is not served here; ListModels lists {self._config.base_models}")
             remaining = context.time_remaining()
             deadline = time.time() + remaining if remaining is not None else None
             domain = to_generation_request(request, request_id, deadline)
-            async for chunk in self._router.generate(model, domain):
-                if chunk.usage is not None:
-                    prompt_tokens, completion_tokens = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
-                yield model, request_id, chunk
+            async with contextlib.aclosing(self._router.generate(model, domain)) as chunks:
+                async for chunk in chunks:
+                    if chunk.usage is not None:
+                        prompt_tokens = chunk.usage.prompt_tokens
+                        completion_tokens = chunk.usage.completion_tokens
+                    yield model, request_id, chunk
+            status = "OK"
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-            raise
+            raise  # the client went away or its deadline passed; logged below
         except Exception as error:
             status = status_code_name(error)
             if status == "INTERNAL":
                 log.exception("request %s failed", request_id)
             await context.abort(getattr(grpc.StatusCode, status), str(error)[:4000])
         finally:
+            status = status or _cancellation_status(context)
             log.info("request id=%s rpc=%s model=%s strategy=%s prompt_tokens=%d completion_tokens=%d "
                      "latency_ms=%.1f status=%s", request_id, rpc, model, strategy, prompt_tokens,
                      completion_tokens, 1000 * (time.monotonic() - started), status)

@@ -123,8 +123,30 @@ def test_unbuilt_strategy_is_unimplemented_naming_it(stub):
     assert "contrastive" in info.value.details()
 
 
-def test_deadline_exceeded_stops_the_work_and_the_server_keeps_serving(stub):
+def wait_for_log_line(server, needle: str, timeout: float = 30) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        lines = [line for line in server.log().splitlines() if needle in line]
+        if lines:
+            return lines[-1]
+        time.sleep(0.5)
+    raise AssertionError(f"no log line with {needle!r}")
+
+
+def test_each_request_leaves_one_log_line(stub, server):
+    stub.Generate(pb.GenerateRequest(prompt="Hello", request_id="log-line-check",
+                                     sampling=pb.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)),
+                  timeout=60)
+    line = wait_for_log_line(server, "id=log-line-check ")
+    for part in ("rpc=Generate", "model=smollm2-135m-instruct", "strategy=plain", "completion_tokens=4",
+                 "latency_ms=", "status=OK"):
+        assert part in line
+    assert server.log().count("id=log-line-check ") == 1
+
+
+def test_deadline_exceeded_stops_the_work_and_the_server_keeps_serving(stub, server):
     long_request = chat("Count from one to one thousand.", max_tokens=1500, ignore_eos=True)
+    long_request.request_id = "deadline-check"
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
         stub.Generate(long_request, timeout=1.5)
@@ -137,11 +159,14 @@ def test_deadline_exceeded_stops_the_work_and_the_server_keeps_serving(stub):
             break
         time.sleep(0.2)
     assert (model.running_requests, model.waiting_requests) == (0, 0)
+    assert "status=DEADLINE_EXCEEDED" in wait_for_log_line(server, "id=deadline-check ")
     assert "Paris" in stub.Generate(chat(QUESTIONS[0], temperature=0, max_tokens=32), timeout=120).text
 
 
-def test_cancelled_stream_stops_the_work(stub):
-    stream = stub.GenerateStream(chat("Tell me a very long story.", max_tokens=1500, ignore_eos=True), timeout=120)
+def test_cancelled_stream_stops_the_work(stub, server):
+    request = chat("Tell me a very long story.", max_tokens=1500, ignore_eos=True)
+    request.request_id = "cancel-check"
+    stream = stub.GenerateStream(request, timeout=120)
     next(stream)
     stream.cancel()
     for _ in range(50):
@@ -150,3 +175,4 @@ def test_cancelled_stream_stops_the_work(stub):
             break
         time.sleep(0.2)
     assert model.running_requests == 0
+    assert "status=CANCELLED" in wait_for_log_line(server, "id=cancel-check ")

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from server.config import load_deploy_file, parse_chorus_config
+from server.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = {
+    "models": {"m": {"path": "embedded:smollm2-135m-instruct"}},
+    "groups": {"g": {"base": "m"}},
+}
+
+
+def with_(**changes):
+    args = {k: dict(v) if isinstance(v, dict) else v for k, v in GOOD.items()}
+    args.update(changes)
+    return args
+
+
+def test_local_deploy_file_loads_and_port_override_applies():
+    deploy = load_deploy_file(ROOT / "deploy" / "local.yaml", port=6000)
+    assert deploy.chorus.default_model == "smollm2-135m-instruct"
+    assert deploy.chorus.frontend.port == 6000
+    assert deploy.chorus.groups["smollm2"].deployment_name == "group-smollm2"
+    deployments = {d["name"] for d in deploy.serve_config["applications"][0]["deployments"]}
+    assert deployments == {"frontend", "group-smollm2"}
+
+
+def test_defaults():
+    config = parse_chorus_config(GOOD)
+    assert config.default_model == "m"
+    assert config.frontend.host == "127.0.0.1" and config.frontend.port == 50051
+    assert config.groups["g"].max_batch_size == 16
+
+
+@pytest.mark.parametrize("args, message", [
+    (with_(models={}), "models: at least one"),
+    (with_(groups={}), "groups: at least one"),
+    (with_(groups={"g": {"base": "nope"}}), "groups.g.base: 'nope' is not a configured model"),
+    (with_(models={"m": {"path": "x", "engine": "tgi"}}), "models.m.engine"),
+    (with_(models={"m": {"path": "x", "dtype": "int3"}}), "models.m.dtype"),
+    (with_(models={"m": {"path": "x", "colour": "red"}}), "models.m: unknown key(s) ['colour']"),
+    (with_(groups={"g": {"base": "m", "max_batch_size": 0}}), "groups.g"),
+    (with_(default_model="other"), "default_model: 'other'"),
+    (with_(extra=1), "args: unknown key(s) ['extra']"),
+    (with_(groups={"g": {"base": "m"}, "h": {"base": "m"}}), "already the base of group"),
+])
+def test_bad_configs_are_refused_with_the_field(args, message):
+    with pytest.raises(ConfigError) as info:
+        parse_chorus_config(args)
+    assert message in str(info.value)
