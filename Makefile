@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 PROTOS := $(wildcard protos/chorus/v1/*.proto)
 STUBS  := chorus/v1/decoding_pb2.py
 
-.PHONY: serve test install install-cpu proto models bench clean
+.PHONY: serve test install install-cpu proto models bench bench-vllm clean
 
 serve: install models
 	$(BIN)/chorus serve --config $(CONFIG)
@@ -54,8 +54,12 @@ $(STUBS): $(PROTOS) $(VENV)/.installed
 models: install
 	$(BIN)/chorus fetch-models
 
+# Benchmarks (bench/README.md): through the server vs in-process, written to bench/results/.
 bench: install models
-	$(BIN)/python -m bench.run --config deploy/local.yaml
+	$(BIN)/python -m bench.run --config deploy/local.yaml --name foundation
+
+bench-vllm: install-cpu models
+	$(BIN)/python -m bench.run --config deploy/local-vllm.yaml --name vllm
 
 clean:
 	rm -rf $(VENV) chorus/v1 *.egg-info

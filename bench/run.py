@@ -1,0 +1,277 @@
+"""Load benchmark: the same closed-loop load through the running server over gRPC and on the engine in-process.
+
+    .venv/bin/python -m bench.run --config deploy/local.yaml --name foundation
+    .venv/bin/python -m bench.run --config deploy/local-vllm.yaml --name vllm
+
+For each concurrency level c, c clients send streaming chat requests back to back until the level's request count
+is done. Every request is greedy with `ignore_eos` and a fixed `max_tokens`, so each yields exactly that many tokens;
+prompts differ per request so no prefix is shared. Per level: completion tokens/s over the level's wall time,
+time to first token (TTFT), inter-token latency (ITL: gap between streamed messages / tokens in the message) and
+request latency, p50 and p99.
+
+Modes, measured one after the other in one run (never competing for the cores):
+  server      `chorus serve` in a separate process (Ray Serve + gRPC front end + engine), driven over gRPC;
+  in_process  the same engine built from the same config inside this process, no Ray, no gRPC
+              (for a vLLM model: AsyncLLM.generate called directly with the same SamplingParams).
+Writes <out>/<name>.json and <out>/<name>.png; ratios are computed within the run. Timings are never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+TOPICS = ["a lighthouse", "a lost key", "a robot gardener", "the moon", "a river", "a chess game", "a bakery",
+          "a mountain", "a violin", "a storm", "a library", "a fox", "a train", "a desert", "a painter", "a comet"]
+
+
+def prompt(i: int) -> str:
+    return f"Tell me a short story about {TOPICS[i % len(TOPICS)]}, number {i}."
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+class Recorder:
+    """Timestamps of one request's stream."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first = None
+        self.last = self.start
+        self.itl: list[float] = []
+        self.tokens = 0
+
+    def tokens_arrived(self, count: int) -> None:
+        if not count:
+            return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        else:
+            self.itl.extend([(now - self.last) / count] * count)
+        self.last = now
+        self.tokens += count
+
+
+def summarize(records: list[Recorder], wall: float) -> dict:
+    ttft = [r.first - r.start for r in records]
+    itl = [x for r in records for x in r.itl]
+    latency = [r.last - r.start for r in records]
+    ms = lambda xs, q: 1000 * percentile(xs, q)  # noqa: E731
+    return {"requests": len(records), "tokens": sum(r.tokens for r in records), "wall_s": wall,
+            "tokens_per_s": sum(r.tokens for r in records) / wall,
+            "ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99), "itl_ms_p50": ms(itl, 50),
+            "itl_ms_p99": ms(itl, 99), "latency_ms_p50": ms(latency, 50), "latency_ms_p99": ms(latency, 99)}
+
+
+async def closed_loop(one_request, concurrency: int, total: int) -> dict:
+    counter = iter(range(total))
+    records: list[Recorder] = []
+
+    async def client():
+        for i in counter:
+            records.append(await one_request(i))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return summarize(records, time.perf_counter() - started)
+
+
+# ---- through the server ----
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(config: str, port: int, log_path: Path) -> subprocess.Popen:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", config, "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited ({proc.returncode}); see {log_path}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return proc
+            except grpc.RpcError:
+                pass
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"server not SERVING in 600 s; see {log_path}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def run_server_levels(address: str, levels: list[int], total_for, max_tokens: int) -> dict:
+    import grpc
+
+    from chorus.v1 import decoding_pb2 as pb
+    from chorus.v1 import decoding_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.DecodingStub(channel)
+
+        async def one_request(i: int) -> Recorder:
+            request = pb.GenerateRequest(
+                messages=[pb.ChatMessage(role="user", content=prompt(i))],
+                sampling=pb.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+            record = Recorder()
+            async for message in stub.GenerateStream(request, timeout=600):
+                record.tokens_arrived(len(message.token_ids))
+            return record
+
+        await one_request(10_000)  # warm-up
+        return {c: await closed_loop(one_request, c, total_for(c)) for c in levels}
+
+
+# ---- in-process ----
+
+async def run_in_process_levels(config: str, levels: list[int], total_for, max_tokens: int) -> dict:
+    from decoding.sampling import SamplingParams
+    from server.app import make_engine
+    from server.config import load_deploy_file
+    from server.engines.base import ChatMessage, GenerationRequest
+
+    chorus = load_deploy_file(config).chorus
+    group = next(iter(chorus.groups))
+    engine = make_engine(chorus, group)
+    try:
+        def request_for(i: int) -> GenerationRequest:
+            return GenerationRequest(request_id=uuid.uuid4().hex, messages=(ChatMessage("user", prompt(i)),),
+                                     sampling=SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+
+        if chorus.models[chorus.groups[group].base].engine == "vllm":
+            async def one_request(i: int) -> Recorder:  # straight on AsyncLLM, no Chorus code in the loop
+                request = request_for(i)
+                record = Recorder()
+                async for output in engine._llm.generate({"prompt_token_ids": engine.prompt_ids(request)},
+                                                         engine.sampling_params(request, seed=0),
+                                                         request_id=request.request_id):
+                    record.tokens_arrived(len(output.outputs[0].token_ids))
+                return record
+        else:
+            async def one_request(i: int) -> Recorder:
+                record = Recorder()
+                async for chunk in engine.generate(request_for(i)):
+                    record.tokens_arrived(len(chunk.token_ids))
+                return record
+
+        await one_request(10_000)  # warm-up
+        return {c: await closed_loop(one_request, c, total_for(c)) for c in levels}
+    finally:
+        engine.shutdown()
+
+
+# ---- report ----
+
+def plot(results: dict, levels: list[int], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [("tokens_per_s", "completion tokens/s"), ("ttft_ms_p50", "TTFT p50 (ms)"),
+              ("itl_ms_p50", "inter-token latency p50 (ms)")]
+    for ax, (key, label) in zip(axes, panels):
+        for mode, marker in (("server", "o"), ("in_process", "s")):
+            ax.plot(levels, [results[mode][c][key] for c in levels], marker=marker, label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="deploy/local.yaml")
+    parser.add_argument("--name", default="foundation", help="output file stem")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=8, help="requests per level (at least 2 per client)")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+
+    levels = sorted(args.concurrency)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    total_for = lambda c: max(args.requests, 2 * c)  # noqa: E731
+    started = time.time()
+
+    port = free_port()
+    server = start_server(args.config, port, out / f"{args.name}-server.log")
+    try:
+        server_results = asyncio.run(run_server_levels(f"127.0.0.1:{port}", levels, total_for, args.max_tokens))
+    finally:
+        stop_server(server)
+    in_process_results = asyncio.run(run_in_process_levels(args.config, levels, total_for, args.max_tokens))
+
+    results = {"server": server_results, "in_process": in_process_results}
+    low, high = levels[0], levels[-1]
+    ratios = {
+        f"server_vs_in_process_throughput_at_{high}":
+            server_results[high]["tokens_per_s"] / in_process_results[high]["tokens_per_s"],
+        f"server_throughput_{high}_vs_{low}":
+            server_results[high]["tokens_per_s"] / server_results[low]["tokens_per_s"],
+        f"in_process_throughput_{high}_vs_{low}":
+            in_process_results[high]["tokens_per_s"] / in_process_results[low]["tokens_per_s"],
+    }
+    import torch
+    report = {"config": args.config, "max_tokens": args.max_tokens, "levels": levels, "results": results,
+              "ratios": ratios, "run_s": time.time() - started,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                          "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    plot(results, levels, out / f"{args.name}.png", f"{args.name}: {args.config}, {args.max_tokens} tokens/request")
+
+    print(f"{'mode':<11} {'conc':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
+          f"{'lat p50':>8} {'lat p99':>8}")
+    for mode in results:
+        for c in levels:
+            r = results[mode][c]
+            print(f"{mode:<11} {c:>4} {r['tokens_per_s']:>8.1f} {r['ttft_ms_p50']:>9.0f} {r['ttft_ms_p99']:>9.0f} "
+                  f"{r['itl_ms_p50']:>8.0f} {r['itl_ms_p99']:>8.0f} {r['latency_ms_p50']:>8.0f} "
+                  f"{r['latency_ms_p99']:>8.0f}")
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}")
+    print(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.png')} in {report['run_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
