@@ -23,38 +23,16 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from decoding.errors import InvalidArgument
 from decoding.sampling import SamplingParams, make_generator, sample
 from decoding.text import IncrementalDetokenizer, StopStringMatcher
 from server.config import GroupSpec, ModelSpec
 from server.engines.base import (Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, Usage)
+from server.engines.prompts import load_tokenizer, prompt_token_ids
 from server.engines.runner import ModelRunner, Slot
 from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from server.models import resolve_model_path
 
 log = logging.getLogger(__name__)
-
-CHAT_ROLES = ("system", "user", "assistant")
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
-
-
-def render_prompt(tokenizer, request: GenerationRequest) -> list[int]:
-    """Token ids of the request's prompt: raw text as is, or messages through the model's chat template."""
-    if request.messages:
-        for i, m in enumerate(request.messages):
-            if m.role not in CHAT_ROLES:
-                raise InvalidArgument(f"messages[{i}].role", f"must be one of {CHAT_ROLES}, got {m.role!r}")
-        if tokenizer.chat_template is None:
-            raise InvalidArgument("messages", "this model has no chat template; send `prompt` instead")
-        text = tokenizer.apply_chat_template([dataclasses.asdict(m) for m in request.messages],
-                                             add_generation_prompt=True, tokenize=False)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(request.prompt)
-
 
 def stop_token_ids(tokenizer, model_config, generation_config) -> frozenset[int]:
     ids = set()
@@ -138,14 +116,7 @@ class TransformersEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         sampling = request.sampling
-        prompt_ids = render_prompt(self.tokenizer, request)
-        if not prompt_ids:
-            raise InvalidArgument("prompt", "renders to zero tokens")
-        if len(prompt_ids) + sampling.max_tokens > self.max_model_len:
-            raise InvalidArgument(
-                "sampling.max_tokens",
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the model's "
-                f"context of {self.max_model_len} tokens")
+        prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)

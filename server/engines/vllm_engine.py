@@ -21,10 +21,9 @@ import secrets
 import time
 from typing import AsyncIterator
 
-from decoding.errors import InvalidArgument
 from server.config import GroupSpec, ModelSpec
 from server.engines.base import Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, Usage
-from server.engines.transformers_engine import load_tokenizer, render_prompt
+from server.engines.prompts import load_tokenizer, prompt_token_ids
 from server.errors import DeadlineExceeded, ResourceExhausted
 from server.models import resolve_model_path
 
@@ -71,15 +70,7 @@ class VLLMEngine(Engine):
             skip_special_tokens=True, output_kind=RequestOutputKind.DELTA, **extra)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        ids = render_prompt(self.tokenizer, request)
-        if not ids:
-            raise InvalidArgument("prompt", "renders to zero tokens")
-        if len(ids) + request.sampling.max_tokens > self.max_model_len:
-            raise InvalidArgument(
-                "sampling.max_tokens",
-                f"prompt ({len(ids)} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds the model's "
-                f"context of {self.max_model_len} tokens")
-        return ids
+        return prompt_token_ids(self.tokenizer, request, self.max_model_len)
 
     async def generate(self, request: GenerationRequest, **vllm_extra) -> AsyncIterator[GenerationChunk]:
         """`vllm_extra`: vLLM sampling knobs for strategies, e.g. logit_bias={token_id: bias} (refusal steering)."""

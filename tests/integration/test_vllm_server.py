@@ -7,7 +7,7 @@ import pytest
 
 from chorus.v1 import decoding_pb2 as pb
 from tests.integration.test_server import (  # noqa: F401  (collected and run against the vLLM server)
-    chat, test_bad_input_is_invalid_argument_naming_the_field, test_cancelled_stream_stops_the_work,
+    test_bad_input_is_invalid_argument_naming_the_field, test_cancelled_stream_stops_the_work,
     test_deadline_exceeded_stops_the_work_and_the_server_keeps_serving,
     test_eight_concurrent_greedy_requests_equal_their_solo_runs, test_greedy_chat_answer_contains_paris,
     test_health_is_serving, test_same_seed_same_sample, test_streamed_text_equals_unary_text,

@@ -1,0 +1,42 @@
+"""Prompt rendering shared by every engine: the tokenizer, the chat template, and the context-length check."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from decoding.errors import InvalidArgument
+from server.engines.base import GenerationRequest
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def render_prompt(tokenizer, request: GenerationRequest) -> list[int]:
+    """Token ids of the request's prompt: raw text as is, or messages through the model's chat template."""
+    if request.messages:
+        for i, m in enumerate(request.messages):
+            if m.role not in CHAT_ROLES:
+                raise InvalidArgument(f"messages[{i}].role", f"must be one of {CHAT_ROLES}, got {m.role!r}")
+        if tokenizer.chat_template is None:
+            raise InvalidArgument("messages", "this model has no chat template; send `prompt` instead")
+        text = tokenizer.apply_chat_template([dataclasses.asdict(m) for m in request.messages],
+                                             add_generation_prompt=True, tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(request.prompt)
+
+
+def prompt_token_ids(tokenizer, request: GenerationRequest, max_model_len: int) -> list[int]:
+    """The prompt's token ids, refused when empty or when prompt + max_tokens does not fit the context."""
+    ids = render_prompt(tokenizer, request)
+    if not ids:
+        raise InvalidArgument("prompt", "renders to zero tokens")
+    if len(ids) + request.sampling.max_tokens > max_model_len:
+        raise InvalidArgument(
+            "sampling.max_tokens",
+            f"prompt ({len(ids)} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds the model's "
+            f"context of {max_model_len} tokens")
+    return ids
