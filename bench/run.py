@@ -1,13 +1,15 @@
 """Load benchmark: the same closed-loop load through the running server over gRPC and on the engine in-process.
 
-    .venv/bin/python -m bench.run --config deploy/local.yaml --name foundation
+    .venv/bin/python -m bench.run --config deploy/local.yaml [--concurrency 1 4 16] [--max-tokens 64]
+        [--requests-per-level 16] [--out bench/results] [--name foundation]
     .venv/bin/python -m bench.run --config deploy/local-vllm.yaml --name vllm
 
-For each concurrency level c, c clients send streaming chat requests back to back until the level's request count
-is done. Every request is greedy with `ignore_eos` and a fixed `max_tokens`, so each yields exactly that many tokens;
-prompts differ per request so no prefix is shared. Per level: completion tokens/s over the level's wall time,
-time to first token (TTFT), inter-token latency (ITL: gap between streamed messages / tokens in the message) and
-request latency, p50 and p99.
+For each concurrency level c, c clients send streaming chat requests back to back until max(2c,
+--requests-per-level) requests are done, after one warm-up request. Every request is greedy with `ignore_eos` and a
+fixed `max_tokens`, so each yields exactly that many tokens; prompts differ per request so no prefix is shared.
+Per level: completion tokens/s (from each request's final `usage`) over the level's wall time, time to first token
+(TTFT: first message with token ids), inter-token latency (ITL: gap between streamed messages / token ids in the
+message), end-to-end request latency (until the stream ends), p50 and p99.
 
 Modes, measured one after the other in one run (never competing for the cores):
   server      `chorus serve` in a separate process (Ray Serve + gRPC front end + engine), driven over gRPC;
@@ -54,7 +56,9 @@ class Recorder:
         self.first = None
         self.last = self.start
         self.itl: list[float] = []
-        self.tokens = 0
+        self.ids = 0  # token ids streamed
+        self.completion_tokens: int | None = None  # from the final usage
+        self.end = None
 
     def tokens_arrived(self, count: int) -> None:
         if not count:
@@ -65,15 +69,25 @@ class Recorder:
         else:
             self.itl.extend([(now - self.last) / count] * count)
         self.last = now
-        self.tokens += count
+        self.ids += count
+
+    def finished(self, completion_tokens: int) -> "Recorder":
+        self.end = time.perf_counter()
+        self.completion_tokens = completion_tokens
+        return self
+
+    @property
+    def tokens(self) -> int:
+        return self.ids if self.completion_tokens is None else self.completion_tokens
 
 
 def summarize(records: list[Recorder], wall: float) -> dict:
     ttft = [r.first - r.start for r in records]
     itl = [x for r in records for x in r.itl]
-    latency = [r.last - r.start for r in records]
+    latency = [(r.end or r.last) - r.start for r in records]
     ms = lambda xs, q: 1000 * percentile(xs, q)  # noqa: E731
-    return {"requests": len(records), "tokens": sum(r.tokens for r in records), "wall_s": wall,
+    return {"requests": len(records), "tokens": sum(r.tokens for r in records),
+            "streamed_ids": sum(r.ids for r in records), "wall_s": wall,
             "tokens_per_s": sum(r.tokens for r in records) / wall,
             "ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99), "itl_ms_p50": ms(itl, 50),
             "itl_ms_p99": ms(itl, 99), "latency_ms_p50": ms(latency, 50), "latency_ms_p99": ms(latency, 99)}
@@ -124,10 +138,14 @@ def start_server(config: str, port: int, log_path: Path) -> subprocess.Popen:
     raise RuntimeError(f"server not SERVING in 600 s; see {log_path}")
 
 
+def log_tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(90)
+        proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -149,7 +167,8 @@ async def run_server_levels(address: str, levels: list[int], total_for, max_toke
             record = Recorder()
             async for message in stub.GenerateStream(request, timeout=600):
                 record.tokens_arrived(len(message.token_ids))
-            return record
+                last = message
+            return record.finished(last.usage.completion_tokens)
 
         await one_request(10_000)  # warm-up
         return {c: await closed_loop(one_request, c, total_for(c)) for c in levels}
@@ -178,14 +197,15 @@ async def run_in_process_levels(config: str, levels: list[int], total_for, max_t
                 async for output in engine._llm.generate({"prompt_token_ids": engine.prompt_ids(request)},
                                                          engine.sampling_params(request, seed=0),
                                                          request_id=request.request_id):
-                    record.tokens_arrived(len(output.outputs[0].token_ids))
-                return record
+                    record.tokens_arrived(len(output.outputs[0].token_ids))  # output_kind=DELTA
+                return record.finished(record.ids)
         else:
             async def one_request(i: int) -> Recorder:
                 record = Recorder()
                 async for chunk in engine.generate(request_for(i)):
                     record.tokens_arrived(len(chunk.token_ids))
-                return record
+                    last = chunk
+                return record.finished(last.usage.completion_tokens)
 
         await one_request(10_000)  # warm-up
         return {c: await closed_loop(one_request, c, total_for(c)) for c in levels}
@@ -223,7 +243,8 @@ def main() -> int:
     parser.add_argument("--name", default="foundation", help="output file stem")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=8, help="requests per level (at least 2 per client)")
+    parser.add_argument("--requests-per-level", "--requests", dest="requests", type=int, default=16,
+                        help="requests per level (at least 2 per client)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
 
@@ -232,9 +253,15 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     total_for = lambda c: max(args.requests, 2 * c)  # noqa: E731
     started = time.time()
+    load_before = os.getloadavg()
 
     port = free_port()
-    server = start_server(args.config, port, out / f"{args.name}-server.log")
+    log_path = out / f"{args.name}-server.log"
+    try:
+        server = start_server(args.config, port, log_path)
+    except RuntimeError as error:
+        print(f"{error}\n--- server log tail ---\n{log_tail(log_path)}", file=sys.stderr)
+        return 1
     try:
         server_results = asyncio.run(run_server_levels(f"127.0.0.1:{port}", levels, total_for, args.max_tokens))
     finally:
@@ -252,10 +279,12 @@ def main() -> int:
             in_process_results[high]["tokens_per_s"] / in_process_results[low]["tokens_per_s"],
     }
     import torch
-    report = {"config": args.config, "max_tokens": args.max_tokens, "levels": levels, "results": results,
+    report = {"config": args.config, "max_tokens": args.max_tokens, "levels": levels,
+              "requests_per_level": {c: total_for(c) for c in levels}, "results": results,
               "ratios": ratios, "run_s": time.time() - started,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                          "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
+                          "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                          "loadavg_before": load_before, "loadavg_after": os.getloadavg()}}
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     plot(results, levels, out / f"{args.name}.png", f"{args.name}: {args.config}, {args.max_tokens} tokens/request")
 

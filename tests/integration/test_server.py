@@ -176,3 +176,20 @@ def test_cancelled_stream_stops_the_work(stub, server):
         time.sleep(0.2)
     assert model.running_requests == 0
     assert "status=CANCELLED" in wait_for_log_line(server, "id=cancel-check ")
+
+
+def test_cli_generate_and_models(server):
+    import json
+    import subprocess
+    import sys
+
+    def chorus(*args):
+        return subprocess.run([sys.executable, "-m", "server.cli", *args, "--address", server.address],
+                              capture_output=True, text=True, timeout=120)
+
+    answer = chorus("generate", "--chat", "What is the capital of France?", "--temperature", "0", "--stream")
+    assert answer.returncode == 0 and "Paris" in answer.stdout, answer.stderr
+    listed = json.loads(chorus("models", "--json").stdout)
+    assert listed["models"][0]["name"] == "smollm2-135m-instruct"
+    refused = chorus("generate", "hi", "--top-p", "2")
+    assert refused.returncode == 1 and "INVALID_ARGUMENT: sampling.top_p" in refused.stderr
