@@ -1,7 +1,7 @@
 """Load benchmark: the same closed-loop load through the running server over gRPC and on the engine in-process.
 
     .venv/bin/python -m bench.run --config deploy/local.yaml [--concurrency 1 4 16] [--max-tokens 64]
-        [--requests-per-level 16] [--out bench/results] [--name foundation]
+        [--requests-per-level 8] [--out bench/results] [--name foundation]
     .venv/bin/python -m bench.run --config deploy/local-vllm.yaml --name vllm
 
 For each concurrency level c, c clients send streaming chat requests back to back until max(2c,
@@ -243,7 +243,7 @@ def main() -> int:
     parser.add_argument("--name", default="foundation", help="output file stem")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--requests-per-level", "--requests", dest="requests", type=int, default=16,
+    parser.add_argument("--requests-per-level", "--requests", dest="requests", type=int, default=8,
                         help="requests per level (at least 2 per client)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
