@@ -33,6 +33,8 @@ import time
 import uuid
 from pathlib import Path
 
+from server.health import wait_until_serving
+
 TOPICS = ["a lighthouse", "a lost key", "a robot gardener", "the moon", "a river", "a chess game", "a bakery",
           "a mountain", "a violin", "a storm", "a library", "a fox", "a train", "a desert", "a painter", "a comet"]
 
@@ -115,27 +117,15 @@ def free_port() -> int:
 
 
 def start_server(config: str, port: int, log_path: Path) -> subprocess.Popen:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", config, "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}); see {log_path}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return proc
-            except grpc.RpcError:
-                pass
-            time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"server not SERVING in 600 s; see {log_path}")
+    exited = lambda: f"server exited ({proc.returncode})" if proc.poll() is not None else None  # noqa: E731
+    error = wait_until_serving(f"127.0.0.1:{port}", 600, exited)
+    if error:
+        proc.kill()
+        raise RuntimeError(f"{error}; see {log_path}")
+    return proc
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

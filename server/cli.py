@@ -12,9 +12,9 @@ import argparse
 import signal
 import sys
 import threading
-import time
 
 from server.errors import ConfigError
+from server.health import wait_until_serving
 from server.models import ModelFetchError
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -26,27 +26,15 @@ def _cmd_fetch_models(args) -> int:
     return 0
 
 
-def _wait_until_serving(address: str, app_name: str, timeout_s: float, stop: threading.Event) -> str | None:
-    """Polls grpc.health.v1 until SERVING; returns an error text if the app failed or time ran out."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+def _deploy_failure(app_name: str, stop: threading.Event) -> str | None:
     from ray import serve
 
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline and not stop.is_set():
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return None
-            except grpc.RpcError:
-                pass
-            app = serve.status().applications.get(app_name)
-            if app is not None and app.status == "DEPLOY_FAILED":
-                return f"application {app_name!r} failed to deploy:\n{app.message}"
-            time.sleep(1)
-    return "interrupted" if stop.is_set() else f"not SERVING after {timeout_s:.0f} s"
+    if stop.is_set():
+        return "interrupted"
+    app = serve.status().applications.get(app_name)
+    if app is not None and app.status == "DEPLOY_FAILED":
+        return f"application {app_name!r} failed to deploy:\n{app.message}"
+    return None
 
 
 def _cmd_serve(args) -> int:
@@ -80,7 +68,7 @@ def _cmd_serve(args) -> int:
                              controller_options=schema.controller_options)
         client.deploy_apps(schema, _blocking=False)
         print(f"[chorus] deploying {deploy.path} ...", flush=True)
-        error = _wait_until_serving(address, deploy.app_name, args.ready_timeout, stop)
+        error = wait_until_serving(address, args.ready_timeout, lambda: _deploy_failure(deploy.app_name, stop))
         if error:
             print(f"[chorus] {error}", file=sys.stderr, flush=True)
             return 1

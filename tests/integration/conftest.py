@@ -8,14 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chorus.v1 import decoding_pb2_grpc as pb_grpc
+from server.health import wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,20 +45,10 @@ class Server:
         return self.log_path.read_text()
 
     def wait_serving(self, timeout: float = 600) -> None:
-        deadline = time.time() + timeout
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.time() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(1)
-        raise RuntimeError(f"server not SERVING after {timeout} s:\n{self.log()[-4000:]}")
+        exited = lambda: f"server exited with {self.proc.returncode}" if self.proc.poll() is not None else None  # noqa: E731
+        error = wait_until_serving(self.address, timeout, exited)
+        if error:
+            raise RuntimeError(f"{error}:\n{self.log()[-4000:]}")
 
     def stop(self, sig=signal.SIGINT, timeout: float = 90) -> int:
         if self.proc.poll() is None:
