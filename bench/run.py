@@ -123,7 +123,7 @@ def start_server(config: str, port: int, log_path: Path) -> subprocess.Popen:
     exited = lambda: f"server exited ({proc.returncode})" if proc.poll() is not None else None  # noqa: E731
     error = wait_until_serving(f"127.0.0.1:{port}", 600, exited)
     if error:
-        proc.kill()
+        stop_server(proc)  # SIGINT first: server.cli's ray.shutdown() runs, no Ray cluster is left behind
         raise RuntimeError(f"{error}; see {log_path}")
     return proc
 
