@@ -69,9 +69,6 @@ class ChorusConfig:
     default_model: str
     frontend: FrontendSpec
 
-    def group_of(self, model: str) -> GroupSpec:
-        return next(g for g in self.groups.values() if g.base == model)
-
     @property
     def base_models(self) -> list[str]:
         return [g.base for g in self.groups.values()]

@@ -155,6 +155,6 @@ class DecodingService(pb_grpc.DecodingServicer):
                 is_default=model_name == self._config.default_model,
                 strategies=[pb.StrategySupport(strategy="plain", available=True)] + [
                     pb.StrategySupport(strategy=s, available=False, reason="not implemented yet")
-                    for s in STRATEGIES],
+                    for s in STRATEGIES + ("rerank",)],
                 running_requests=entry["running"], waiting_requests=entry["waiting"]))
         return pb.ListModelsResponse(models=models)

@@ -88,6 +88,7 @@ def test_list_models(stub):
     support = {s.strategy: s for s in model.strategies}
     assert support["plain"].available
     assert not support["contrastive"].available and support["contrastive"].reason
+    assert not support["rerank"].available
 
 
 def test_unknown_model_is_not_found(stub):
