@@ -1,0 +1,165 @@
+"""Per-request lock-step plans: which extra model streams a strategy steps, and how one step's logits are fused.
+
+A *stream* is one model under one context, extended with the same generated tokens as the base sequence (the
+base model on the request's prompt is stream "base" and is not listed). Engines step every stream of every live
+request together, one batched forward per model, and hand each request's rows to its plan:
+
+    scores = plan.step(base_logits [V], stream_logits [S, V], position)   # float32; -inf = excluded
+    token  = plan.forced_token(position) or sample(scores / T_out)
+
+`position` is the number of tokens generated so far; a step repeated at the same position (vLLM fuses rows it then
+discards) decides the same way.
+
+Plans hold the per-request state (step counter, report, forced tokens) and call the pure math of
+contrastive.py, logit_fusion.py and refusal.py. A `PlanSpec` is the plain-data description an engine builds from a
+request (stream models and token ids, knobs); it pickles, so the vLLM logits processor rebuilds the same plan in the
+engine-core process.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import torch
+
+from decoding import contrastive, logit_fusion, refusal
+from decoding.strategies import (ContrastiveParams, ContrastiveReport, LogitFusionParams, LogitFusionReport,
+                                 RefusalReport, RefusalSteeringParams, Report)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """One extra stream: `model` (a model name; None = the base model's own logits on the prompt, reused) and the
+    context token ids it is prefilled with."""
+    model: str | None
+    ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSpec:
+    params: ContrastiveParams | LogitFusionParams | RefusalSteeringParams
+    streams: tuple[StreamSpec, ...] = ()
+    # Names for the report: the guide (contrastive), small base and experts (fusion).
+    guide: str = ""
+    experts: tuple[str, ...] = ()
+    markers: refusal.RefusalMarkers | None = None
+
+    def build(self) -> "Plan":
+        params = self.params
+        if isinstance(params, ContrastiveParams):
+            return ContrastivePlan(self)
+        if isinstance(params, LogitFusionParams):
+            return LogitFusionPlan(self)
+        return RefusalPlan(self)
+
+
+class Plan(abc.ABC):
+    def __init__(self, spec: PlanSpec):
+        self.spec = spec
+        self.steps = 0
+        self._forced: tuple[int, ...] = ()  # tokens imposed at positions 0, 1, ...
+
+    @abc.abstractmethod
+    def fuse(self, base: torch.Tensor, streams: torch.Tensor, position: int) -> torch.Tensor:
+        """Scores [V] for this step from the base row [V] and the extra streams' rows [S, V]."""
+
+    def step(self, base: torch.Tensor, streams: torch.Tensor, position: int) -> torch.Tensor:
+        scores = self.fuse(base, streams, position)
+        self.steps += 1
+        return scores
+
+    def forced_token(self, position: int) -> int | None:
+        """A token the plan imposes instead of sampling at this position (refusal steering), or None."""
+        return self._forced[position] if position < len(self._forced) else None
+
+    @abc.abstractmethod
+    def report(self) -> Report: ...
+
+
+class ContrastivePlan(Plan):
+    """cd: streams [amateur on the prompt]; uscd: [base on the lame prompt]; steer: [B on the prompt, base on the
+    negative context]."""
+
+    def __init__(self, spec: PlanSpec):
+        super().__init__(spec)
+        self.params: ContrastiveParams = spec.params
+        self.contrasted = 0
+
+    def fuse(self, base, streams, position):
+        p = self.params
+        if p.mode == "cd":
+            self.contrasted += 1
+            return contrastive.contrastive_scores(base[None], streams[:1], p.alpha, p.beta,
+                                                  p.amateur_temperature)[0]
+        if p.mode == "uscd":
+            scores, contrasted = contrastive.uscd_scores(base[None], streams[:1], p.uncertainty_threshold,
+                                                         p.uscd_eta, p.standard_weight, p.lame_weight)
+            self.contrasted += int(contrasted[0])
+            return scores[0]
+        self.contrasted += 1
+        return contrastive.steer_scores(base[None], streams[0:1], streams[1:2], p.gamma, p.eta)[0]
+
+    def report(self):
+        return ContrastiveReport(mode=self.params.mode, guide=self.spec.guide, steps=self.steps,
+                                 contrasted_steps=self.contrasted)
+
+
+class LogitFusionPlan(Plan):
+    """Streams [small base S on the prompt, expert 1, ..., expert T] (each on its own in-context prompt)."""
+
+    def __init__(self, spec: PlanSpec):
+        super().__init__(spec)
+        self.params: LogitFusionParams = spec.params
+        experts = len(spec.experts)
+        alphas = self.params.alphas or (1.0,)
+        self._alphas = torch.tensor(alphas * experts if len(alphas) == 1 else alphas, dtype=torch.float32)
+        self._grid = logit_fusion.alpha_grid(self.params.grid_max, self.params.grid_step)
+        self._weight_sum = torch.zeros(experts, dtype=torch.float64)
+        self._step_weights: list[tuple[float, ...]] = []
+
+    def fuse(self, base, streams, position):
+        small, experts = streams[:1], streams[1:, None, :]
+        if self.params.mode == "static":
+            weights = self._alphas
+            scores = logit_fusion.static_fusion(base[None], small, experts, weights)[0]
+        else:
+            scores, chosen = logit_fusion.dynamic_fusion(base[None], small, experts, self._grid)
+            scores, weights = scores[0], chosen[0]
+        self._weight_sum += weights.double().cpu()
+        if self.params.report_weights:
+            self._step_weights.append(tuple(float(w) for w in weights))
+        return scores
+
+    def report(self):
+        mean = self._weight_sum / max(self.steps, 1)
+        return LogitFusionReport(mode=self.params.mode, small_base=self.spec.guide, experts=self.spec.experts,
+                                 steps=self.steps, mean_weights=tuple(float(w) for w in mean),
+                                 step_weights=self._step_weights)
+
+
+class RefusalPlan(Plan):
+    """No extra streams: at the first step the refusal decision forces or bans the reply's first tokens."""
+
+    def __init__(self, spec: PlanSpec):
+        super().__init__(spec)
+        self.decision: refusal.RefusalDecision | None = None
+
+    def fuse(self, base, streams, position):
+        if position:
+            return base
+        params: RefusalSteeringParams = self.spec.params
+        self.decision = refusal.decide(base, self.spec.markers, params.decision)
+        self._forced = tuple(self.decision.forced)
+        if self.decision.banned:
+            base = base.clone()
+            base[list(self.decision.banned)] = float("-inf")
+        return base
+
+    def report(self):
+        d = self.decision
+        if d is None:  # finished before its first step (cancelled): nothing was decided
+            return RefusalReport(action="none", category=None, probabilities={}, respond_probability=0.0,
+                                 forced_token_ids=())
+        return RefusalReport(action=d.action, category=d.category, probabilities=dict(d.probabilities),
+                             respond_probability=d.respond_probability, forced_token_ids=tuple(d.forced))

@@ -1,0 +1,149 @@
+"""The knobs of each token-level strategy as a request carries them, with the defaults of ALGORITHMS.md.
+
+The math lives beside this module (contrastive.py, logit_fusion.py, refusal.py); these dataclasses are what a
+request asks for, validated here so that every engine refuses the same bad input with the same message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from decoding.errors import InvalidArgument
+from decoding.refusal import RefusalParams
+
+CONTRASTIVE_MODES = ("cd", "uscd", "steer")
+FUSION_MODES = ("dynamic", "static")
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Another prompt for the same model (USCD's lame prompt, STEER's negative context): raw text or chat."""
+    prompt: str | None = None
+    messages: tuple = ()  # of server-side ChatMessage; kept opaque here
+
+    @property
+    def empty(self) -> bool:
+        return not self.prompt and not self.messages
+
+
+def _check(field: str, ok: bool, reason: str) -> None:
+    if not ok:
+        raise InvalidArgument(field, reason)
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveParams:
+    mode: str = "cd"
+    # CD (O'Brien & Lewis β formulation; Li et al. is β → ∞ with amateur temperature).
+    alpha: float = 0.1
+    beta: float = 0.5
+    amateur_temperature: float = 1.0
+    # The weaker model: CD's amateur, STEER's base model B. "" = the group's guide with role amateur (cd) or
+    # small_base (steer). USCD uses the base model itself.
+    guide: str = ""
+    # USCD (released script of the paper's CodeLlama run).
+    uncertainty_threshold: float = 0.005
+    uscd_eta: float = 2 / 3
+    standard_weight: float = 1.0
+    lame_weight: float = -0.7
+    # STEER.
+    gamma: float = 0.2
+    eta: float = 0.6
+    # USCD's lame prompt / STEER's negative context.
+    contrast_context: Context = Context()
+
+    def validate(self) -> "ContrastiveParams":
+        f = "contrastive."
+        _check(f + "mode", self.mode in CONTRASTIVE_MODES, f"must be one of {CONTRASTIVE_MODES}")
+        _check(f + "alpha", _finite(self.alpha) and 0 < self.alpha <= 1,
+               f"the plausibility cutoff must be in (0, 1], got {self.alpha}")
+        _check(f + "beta", _finite(self.beta) and self.beta >= 0, f"must be >= 0, got {self.beta}")
+        _check(f + "amateur_temperature", _finite(self.amateur_temperature) and self.amateur_temperature > 0,
+               f"must be > 0, got {self.amateur_temperature}")
+        _check(f + "uncertainty_threshold", _finite(self.uncertainty_threshold) and self.uncertainty_threshold >= 0,
+               f"must be >= 0, got {self.uncertainty_threshold}")
+        _check(f + "uscd_eta", _finite(self.uscd_eta) and self.uscd_eta >= 0, f"must be >= 0, got {self.uscd_eta}")
+        _check(f + "standard_weight", _finite(self.standard_weight), "must be finite")
+        _check(f + "lame_weight", _finite(self.lame_weight), "must be finite")
+        _check(f + "gamma", _finite(self.gamma) and self.gamma >= 0, f"must be >= 0, got {self.gamma}")
+        _check(f + "eta", _finite(self.eta) and self.eta >= 0, f"must be >= 0, got {self.eta}")
+        if self.mode in ("uscd", "steer"):
+            what = "USCD's lame prompt" if self.mode == "uscd" else "STEER's negative context"
+            _check(f + "contrast_context", not self.contrast_context.empty,
+                   f"mode {self.mode!r} needs {what} (prompt or messages)")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitFusionParams:
+    mode: str = "dynamic"
+    # Expert tasks or guide names; empty: every expert of the group.
+    experts: tuple[str, ...] = ()
+    # Static mode: one α for all experts, or one per expert. Empty: 1.0 (proxy-tuning).
+    alphas: tuple[float, ...] = ()
+    # Dynamic mode: α searched over {0, step, 2·step, ..., grid_max}, one expert active per step.
+    grid_max: float = 2.0
+    grid_step: float = 0.1
+    # The small base S; "" = the group's guide with role small_base.
+    small_base: str = ""
+    # Return the chosen α vector of every step in the report.
+    report_weights: bool = False
+
+    def validate(self) -> "LogitFusionParams":
+        f = "logit_fusion."
+        _check(f + "mode", self.mode in FUSION_MODES, f"must be one of {FUSION_MODES}")
+        for i, a in enumerate(self.alphas):
+            _check(f"{f}alphas[{i}]", _finite(a), "must be finite")
+        _check(f + "grid_step", _finite(self.grid_step) and self.grid_step > 0, f"must be > 0, got {self.grid_step}")
+        _check(f + "grid_max", _finite(self.grid_max) and self.grid_max >= 0, f"must be >= 0, got {self.grid_max}")
+        _check(f + "grid_max", self.grid_max / self.grid_step <= 200,
+               f"grid_max / grid_step gives {self.grid_max / self.grid_step:.0f} grid points; at most 200")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class RefusalSteeringParams:
+    decision: RefusalParams = RefusalParams()
+    # Request-declared refusal prefixes (category, text) for models without refusal tokens; replace the config's.
+    prefixes: tuple[tuple[str, str], ...] = ()
+
+
+Strategy = ContrastiveParams | LogitFusionParams | RefusalSteeringParams
+
+
+@dataclasses.dataclass
+class ContrastiveReport:
+    mode: str
+    guide: str
+    steps: int = 0
+    # Steps where the contrast changed the scores (USCD: uncertain steps; CD/STEER: every step).
+    contrasted_steps: int = 0
+
+
+@dataclasses.dataclass
+class LogitFusionReport:
+    mode: str
+    small_base: str
+    experts: tuple[str, ...]
+    steps: int = 0
+    # Mean α per expert over the steps.
+    mean_weights: tuple[float, ...] = ()
+    # The α vector of every step (report_weights only).
+    step_weights: list[tuple[float, ...]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class RefusalReport:
+    action: str  # "refuse" | "respond" | "none" (the model was left alone)
+    category: str | None
+    probabilities: dict[str, float]
+    respond_probability: float
+    forced_token_ids: tuple[int, ...]
+
+
+Report = ContrastiveReport | LogitFusionReport | RefusalReport
