@@ -35,6 +35,40 @@ class ModelSpec:
     # vLLM engine arguments (AsyncEngineArgs fields: gpu_memory_utilization, tensor_parallel_size, enforce_eager,
     # enable_prefix_caching, max_logprobs, ...); engine "vllm" only.
     vllm: dict = dataclasses.field(default_factory=dict)
+    # Keep only the first k transformer layers (then the final norm and the head): an early-exit model, e.g. a
+    # weak amateur for contrastive decoding. Shares its weights with the base model when both load `path` alike.
+    early_exit_layers: int | None = None
+
+
+GUIDE_ROLES = ("amateur", "small_base")  # and "expert:<task>"
+
+
+@dataclasses.dataclass(frozen=True)
+class GuideSpec:
+    """A guide of a group's base model: a model (or the base itself) under an optional in-context system prompt.
+
+    Roles: `amateur` (contrastive decoding's weak model), `small_base` (logit fusion's small base S; STEER's base
+    model B), `expert:<task>` (a logit-fusion expert S_t, fine-tuned from small_base or made by its system prompt).
+    """
+    name: str
+    model: str
+    roles: tuple[str, ...]
+    # An in-context expert: this text becomes the system message (chat requests) or is prepended to a raw prompt.
+    system_prompt: str | None = None
+
+    @property
+    def expert_tasks(self) -> tuple[str, ...]:
+        return tuple(r.split(":", 1)[1] for r in self.roles if r.startswith("expert:"))
+
+
+@dataclasses.dataclass(frozen=True)
+class RefusalSpec:
+    """How a base model signals refusal. Either `tokens` (a model trained with refusal tokens: category → marker
+    token string, plus `respond_token`) or `prefixes` (any model: category → reply prefixes whose first tokens are
+    steered)."""
+    tokens: dict[str, str] | None = None
+    respond_token: str | None = None
+    prefixes: dict[str, list[str]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +82,17 @@ class GroupSpec:
     max_waiting: int = 256
     # torch intra-op threads per replica; None: torch's default.
     torch_threads: int | None = None
+    # Guides by name (GuideSpec): the models token-level strategies fuse with the base.
+    guides: dict[str, GuideSpec] = dataclasses.field(default_factory=dict)
+    refusal: RefusalSpec | None = None
+
+    def guides_with_role(self, role: str) -> list[GuideSpec]:
+        return [g for g in self.guides.values() if role in g.roles]
+
+    @property
+    def guide_models(self) -> list[str]:
+        """Distinct models the guides run on, in declaration order (may include the base)."""
+        return list(dict.fromkeys(g.model for g in self.guides.values()))
 
     @property
     def deployment_name(self) -> str:
@@ -96,8 +141,7 @@ def parse_chorus_config(args: dict) -> ChorusConfig:
         raise ConfigError(f"args: unknown key(s) {unknown}")
     models = {name: _build(ModelSpec, f"models.{name}", raw, name=name)
               for name, raw in (args.get("models") or {}).items()}
-    groups = {name: _build(GroupSpec, f"groups.{name}", raw, name=name)
-              for name, raw in (args.get("groups") or {}).items()}
+    groups = {name: _parse_group(name, raw) for name, raw in (args.get("groups") or {}).items()}
     frontend = _build(FrontendSpec, "frontend", args.get("frontend") or {})
     if not models:
         raise ConfigError("models: at least one model is required")
@@ -124,10 +168,68 @@ def parse_chorus_config(args: dict) -> ChorusConfig:
         bases[group.base] = group.name
         if group.max_batch_size < 1 or group.max_waiting < 0:
             raise ConfigError(f"{where}: max_batch_size must be >= 1 and max_waiting >= 0")
+        for guide in group.guides.values():
+            _check_guide(where, guide, models, group.base)
+    for spec in models.values():
+        if spec.early_exit_layers is not None and spec.early_exit_layers < 1:
+            raise ConfigError(f"models.{spec.name}.early_exit_layers: must be >= 1")
+        if spec.early_exit_layers is not None and spec.engine != "transformers":
+            raise ConfigError(f"models.{spec.name}.early_exit_layers: needs engine 'transformers'")
     default = args.get("default_model") or next(iter(bases))
     if default not in bases:
         raise ConfigError(f"default_model: {default!r} is not the base model of any group ({sorted(bases)})")
     return ChorusConfig(models=models, groups=groups, default_model=default, frontend=frontend)
+
+
+def _parse_group(name: str, raw: Any) -> GroupSpec:
+    where = f"groups.{name}"
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        guides = raw.pop("guides", None) or {}
+        refusal = raw.pop("refusal", None)
+        if not isinstance(guides, dict):
+            raise ConfigError(f"{where}.guides: expected a mapping of guide name to guide")
+        raw["guides"] = {g: _build(GuideSpec, f"{where}.guides.{g}", _tuple_roles(graw), name=g)
+                         for g, graw in guides.items()}
+        if refusal is not None:
+            raw["refusal"] = _parse_refusal(f"{where}.refusal", refusal)
+    return _build(GroupSpec, where, raw, name=name)
+
+
+def _tuple_roles(raw: Any) -> Any:
+    if isinstance(raw, dict) and isinstance(raw.get("roles"), list):
+        return {**raw, "roles": tuple(raw["roles"])}
+    return raw
+
+
+def _check_guide(where: str, guide: GuideSpec, models: dict[str, ModelSpec], base: str) -> None:
+    """A guide runs on transformers; on the base model itself (in-context guides) whatever the base's engine is
+    (a vLLM base gets a transformers copy in the fusion processor)."""
+    where = f"{where}.guides.{guide.name}"
+    if guide.model not in models:
+        raise ConfigError(f"{where}.model: {guide.model!r} is not a configured model ({sorted(models)})")
+    if guide.model != base and models[guide.model].engine != "transformers":
+        raise ConfigError(f"{where}.model: guides run on the transformers engine; {guide.model!r} has engine "
+                          f"{models[guide.model].engine!r}")
+    if not guide.roles or not isinstance(guide.roles, tuple):
+        raise ConfigError(f"{where}.roles: a list of at least one role: {GUIDE_ROLES} or 'expert:<task>'")
+    for role in guide.roles:
+        if role not in GUIDE_ROLES and not (role.startswith("expert:") and len(role) > len("expert:")):
+            raise ConfigError(f"{where}.roles: {role!r} is not one of {GUIDE_ROLES} or 'expert:<task>'")
+
+
+def _parse_refusal(where: str, raw: Any) -> RefusalSpec:
+    spec = _build(RefusalSpec, where, raw)
+    if (spec.tokens is None) == (spec.prefixes is None):
+        raise ConfigError(f"{where}: give either `tokens` (with `respond_token`) or `prefixes`, not both or neither")
+    if spec.tokens is not None and not (isinstance(spec.tokens, dict) and spec.tokens and spec.respond_token):
+        raise ConfigError(f"{where}.tokens: a mapping category → marker token, with `respond_token` set")
+    if spec.prefixes is not None and not (
+            isinstance(spec.prefixes, dict) and spec.prefixes
+            and all(isinstance(v, list) and v and all(isinstance(p, str) and p for p in v)
+                    for v in spec.prefixes.values())):
+        raise ConfigError(f"{where}.prefixes: a mapping category → non-empty list of prefix strings")
+    return spec
 
 
 def _check_vllm_args(spec: ModelSpec) -> None:

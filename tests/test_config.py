@@ -76,3 +76,34 @@ def test_bad_vllm_arguments_are_refused(vllm_args, message):
 def test_vllm_arguments_on_a_transformers_model_are_refused():
     with pytest.raises(ConfigError, match="the engine is 'transformers'"):
         parse_chorus_config(with_(models={"m": {"path": "x", "vllm": {"enforce_eager": True}}}))
+
+
+def test_local_config_declares_guides_and_refusal_prefixes():
+    group = load_deploy_file(ROOT / "deploy" / "local.yaml").chorus.groups["smollm2"]
+    assert [g.name for g in group.guides_with_role("amateur")] == ["exit8"]
+    assert {t for g in group.guides.values() for t in g.expert_tasks} == {"concise", "french"}
+    assert group.refusal.prefixes["refuse"][0] == "I'm sorry"
+
+
+TWO_MODELS = {"m": {"path": "x"}, "small": {"path": "y", "early_exit_layers": 4}}
+
+
+@pytest.mark.parametrize("group, message", [
+    ({"base": "m", "guides": {"a": {"model": "nope", "roles": ["amateur"]}}}, "groups.g.guides.a.model: 'nope'"),
+    ({"base": "m", "guides": {"a": {"model": "small", "roles": ["teacher"]}}}, "groups.g.guides.a.roles: 'teacher'"),
+    ({"base": "m", "guides": {"a": {"model": "small", "roles": ["expert:"]}}}, "groups.g.guides.a.roles"),
+    ({"base": "m", "guides": {"a": {"model": "small"}}}, "groups.g.guides.a"),
+    ({"base": "m", "guides": {"a": {"model": "small", "roles": ["amateur"], "temp": 1}}}, "unknown key(s) ['temp']"),
+    ({"base": "m", "refusal": {}}, "groups.g.refusal: give either `tokens`"),
+    ({"base": "m", "refusal": {"tokens": {"refuse": "[refuse]"}}}, "with `respond_token` set"),
+    ({"base": "m", "refusal": {"prefixes": {"refuse": []}}}, "non-empty list of prefix strings"),
+])
+def test_bad_guides_and_refusal_configs_are_refused(group, message):
+    with pytest.raises(ConfigError) as info:
+        parse_chorus_config({"models": TWO_MODELS, "groups": {"g": group}})
+    assert message in str(info.value)
+
+
+def test_early_exit_needs_transformers_and_positive_layers():
+    with pytest.raises(ConfigError, match="early_exit_layers: must be >= 1"):
+        parse_chorus_config({"models": {"m": {"path": "x", "early_exit_layers": 0}}, "groups": {"g": {"base": "m"}}})
