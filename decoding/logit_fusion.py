@@ -13,9 +13,10 @@ Dynamic logit fusion (Fan et al. 2024): per step, with P = softmax(M_L), Q = sof
 
 searched over one-hot candidates α = a·e_t (one expert active, a on the grid {0, step, ..., max}), T·K candidates in
 expert-major order; the first minimum wins (every a = 0 candidate is the same, so ties go to (t = 0, a = 0)).
-Losses within a relative TIE_RTOL of the minimum count as ties: mathematically equal losses (with L = S, a = 1 on
-either of two experts gives the same loss) differ by float noise between a batched and a recomputed forward, and
-must not flip the choice.
+Losses within TIE_RTOL · min + TIE_ATOL · Σ_t (KL(Q_t‖Q)² + KL(Q‖Q_t)²) of the minimum count as ties: mathematically
+equal losses (with L = S, a = 1 on either of two experts gives the same loss) differ by float noise between a
+batched and a recomputed forward, and must not flip the choice; the second term, scaled to the targets, gives an
+exact-zero minimum a band too, far below the loss of a neighbouring grid point.
 Identity check: if M_L = M_S and one expert, α = 1 gives P̃ = Q_1 and loss 0, so α* = 1.
 """
 
@@ -26,7 +27,7 @@ import torch
 from decoding.numerics import kl_divergence, sanitize
 
 TIE_RTOL = 1e-3
-TIE_ATOL = 1e-9
+TIE_ATOL = 1e-8
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -67,8 +68,9 @@ def dynamic_fusion(large_logits: torch.Tensor, small_base_logits: torch.Tensor, 
     reverse = kl_divergence(large.unsqueeze(1), candidates)        # [B, T·K]  KL(P‖P̃)
     loss = ((forward.unsqueeze(-1) - forward_targets.T.unsqueeze(1)) ** 2
             + (reverse.unsqueeze(-1) - reverse_targets.T.unsqueeze(1)) ** 2).sum(-1)
+    scale = (forward_targets ** 2 + reverse_targets ** 2).sum(0).unsqueeze(-1)  # [B, 1]
     floor = loss.min(dim=-1, keepdim=True).values
-    best = (loss <= floor * (1 + TIE_RTOL) + TIE_ATOL).int().argmax(dim=-1)  # the first (near-)minimum
+    best = (loss <= floor * (1 + TIE_RTOL) + TIE_ATOL * scale).int().argmax(dim=-1)  # the first (near-)minimum
     weights = torch.zeros(batch, num_experts, device=large.device)
     weights[torch.arange(batch), best // len(grid)] = grid[best % len(grid)]
     return candidates[torch.arange(batch), best], weights

@@ -7,8 +7,9 @@ request together, one batched forward per model, and hand each request's rows to
     scores = plan.step(base_logits [V], stream_logits [S, V], position)   # float32; -inf = excluded
     token  = plan.forced_token(position) or sample(scores / T_out)
 
-`position` is the number of tokens generated so far; a step repeated at the same position (vLLM fuses rows it then
-discards) decides the same way.
+`position` is the number of tokens generated so far. A step repeated at the same position (vLLM fuses the rows of
+partial prefills, then discards their tokens) replaces that position's record, so reports count each generated
+token once.
 
 Plans hold the per-request state (step counter, report, forced tokens) and call the pure math of
 contrastive.py, logit_fusion.py and refusal.py. A `PlanSpec` is the plain-data description an engine builds from a
@@ -57,17 +58,24 @@ class PlanSpec:
 class Plan(abc.ABC):
     def __init__(self, spec: PlanSpec):
         self.spec = spec
-        self.steps = 0
         self._forced: tuple[int, ...] = ()  # tokens imposed at positions 0, 1, ...
+        self._records: dict[int, object] = {}  # position → what the step decided, for the report
 
     @abc.abstractmethod
-    def fuse(self, base: torch.Tensor, streams: torch.Tensor, position: int) -> torch.Tensor:
-        """Scores [V] for this step from the base row [V] and the extra streams' rows [S, V]."""
+    def fuse(self, base: torch.Tensor, streams: torch.Tensor, position: int) -> tuple[torch.Tensor, object]:
+        """(scores [V], the step's record) from the base row [V] and the extra streams' rows [S, V]."""
 
     def step(self, base: torch.Tensor, streams: torch.Tensor, position: int) -> torch.Tensor:
-        scores = self.fuse(base, streams, position)
-        self.steps += 1
+        scores, self._records[position] = self.fuse(base, streams, position)
         return scores
+
+    @property
+    def steps(self) -> int:
+        """Positions fused so far."""
+        return len(self._records)
+
+    def records(self) -> list:
+        return [self._records[p] for p in sorted(self._records)]
 
     def forced_token(self, position: int) -> int | None:
         """A token the plan imposes instead of sampling at this position (refusal steering), or None."""
@@ -84,25 +92,22 @@ class ContrastivePlan(Plan):
     def __init__(self, spec: PlanSpec):
         super().__init__(spec)
         self.params: ContrastiveParams = spec.params
-        self.contrasted = 0
 
     def fuse(self, base, streams, position):
+        """Record: whether the step contrasted (always, except USCD where the base was certain)."""
         p = self.params
         if p.mode == "cd":
-            self.contrasted += 1
             return contrastive.contrastive_scores(base[None], streams[:1], p.alpha, p.beta,
-                                                  p.amateur_temperature)[0]
+                                                  p.amateur_temperature)[0], True
         if p.mode == "uscd":
             scores, contrasted = contrastive.uscd_scores(base[None], streams[:1], p.uncertainty_threshold,
                                                          p.uscd_eta, p.standard_weight, p.lame_weight)
-            self.contrasted += int(contrasted[0])
-            return scores[0]
-        self.contrasted += 1
-        return contrastive.steer_scores(base[None], streams[0:1], streams[1:2], p.gamma, p.eta)[0]
+            return scores[0], bool(contrasted[0])
+        return contrastive.steer_scores(base[None], streams[0:1], streams[1:2], p.gamma, p.eta)[0], True
 
     def report(self):
         return ContrastiveReport(mode=self.params.mode, guide=self.spec.guide, steps=self.steps,
-                                 contrasted_steps=self.contrasted)
+                                 contrasted_steps=sum(self.records()))
 
 
 class LogitFusionPlan(Plan):
@@ -115,10 +120,9 @@ class LogitFusionPlan(Plan):
         alphas = self.params.alphas or (1.0,)
         self._alphas = torch.tensor(alphas * experts if len(alphas) == 1 else alphas, dtype=torch.float32)
         self._grid = logit_fusion.alpha_grid(self.params.grid_max, self.params.grid_step)
-        self._weight_sum = torch.zeros(experts, dtype=torch.float64)
-        self._step_weights: list[tuple[float, ...]] = []
 
     def fuse(self, base, streams, position):
+        """Record: the step's weights per expert."""
         small, experts = streams[:1], streams[1:, None, :]
         if self.params.mode == "static":
             weights = self._alphas
@@ -126,16 +130,14 @@ class LogitFusionPlan(Plan):
         else:
             scores, chosen = logit_fusion.dynamic_fusion(base[None], small, experts, self._grid)
             scores, weights = scores[0], chosen[0]
-        self._weight_sum += weights.double().cpu()
-        if self.params.report_weights:
-            self._step_weights.append(tuple(float(w) for w in weights))
-        return scores
+        return scores, tuple(float(w) for w in weights)
 
     def report(self):
-        mean = self._weight_sum / max(self.steps, 1)
+        weights = self.records()
+        mean = [sum(column) / len(weights) for column in zip(*weights)] if weights else [0.0] * len(self.spec.experts)
         return LogitFusionReport(mode=self.params.mode, small_base=self.spec.guide, experts=self.spec.experts,
-                                 steps=self.steps, mean_weights=tuple(float(w) for w in mean),
-                                 step_weights=self._step_weights)
+                                 steps=self.steps, mean_weights=tuple(mean),
+                                 step_weights=weights if self.params.report_weights else [])
 
 
 class RefusalPlan(Plan):
@@ -146,15 +148,16 @@ class RefusalPlan(Plan):
         self.decision: refusal.RefusalDecision | None = None
 
     def fuse(self, base, streams, position):
+        """Record: none (the decision is taken once, at position 0)."""
         if position:
-            return base
+            return base, None
         params: RefusalSteeringParams = self.spec.params
         self.decision = refusal.decide(base, self.spec.markers, params.decision)
         self._forced = tuple(self.decision.forced)
         if self.decision.banned:
             base = base.clone()
             base[list(self.decision.banned)] = float("-inf")
-        return base
+        return base, None
 
     def report(self):
         d = self.decision
