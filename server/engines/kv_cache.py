@@ -27,9 +27,10 @@ class SlotKVCache:
         self._start = 0
         self._kv_len = 0
 
-    def plan_decode(self, num_rows: int, positions: torch.Tensor) -> None:
-        """Next forward: one new token for each of rows 0..num_rows-1, written at `positions` [num_rows]."""
-        self._rows = slice(0, num_rows)
+    def plan_decode(self, rows: int | torch.Tensor, positions: torch.Tensor) -> None:
+        """Next forward: one new token for each of rows 0..rows-1 (an int: the batch is a view), or for the listed
+        rows (a tensor: gathered), written at `positions`."""
+        self._rows = slice(0, rows) if isinstance(rows, int) else rows
         self._positions = positions
         self._kv_len = int(positions.max()) + 1
 
@@ -44,7 +45,7 @@ class SlotKVCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         rows = self._rows
         if self._positions is not None:
-            index = torch.arange(rows.start, rows.stop, device=keys.device)
+            index = torch.arange(rows.start, rows.stop, device=keys.device) if isinstance(rows, slice) else rows
             keys[index, :, self._positions] = key_states[:, :, 0]
             values[index, :, self._positions] = value_states[:, :, 0]
         else:

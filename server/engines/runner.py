@@ -77,29 +77,42 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, slots: list[Slot], token_ids: list[int]) -> torch.Tensor:
-        """One new token for every live sequence; returns logits [len(slots), V] in the order of `slots`.
-
-        `slots` must be exactly the live slots (in any order): the batch is the whole compact cache.
-        """
-        if len(slots) != len(self.live):
-            raise ValueError(f"decode needs all {len(self.live)} live slots, got {len(slots)}")
-        order = torch.tensor([s.index for s in slots], device=self.device)
-        ids = torch.empty(len(slots), dtype=torch.long, device=self.device)
-        ids[order] = torch.tensor(token_ids, device=self.device)
-        positions = torch.empty(len(slots), dtype=torch.long, device=self.device)
-        positions[order] = torch.tensor([s.length for s in slots], device=self.device)
+        """One new token for each of `slots` (any live slots, in any order); returns logits [len(slots), V] in the
+        order of `slots`. All live slots (the lock-step engine): the batch is a view of the compact cache. A subset
+        (vLLM steps only the requests it scheduled): their rows are gathered."""
+        rows = torch.tensor([s.index for s in slots], device=self.device)
+        ids = torch.tensor(token_ids, device=self.device)
+        positions = torch.tensor([s.length for s in slots], device=self.device)
         if int(positions.max()) >= self.max_len:
             raise ValueError(f"a sequence is at the cache's limit of {self.max_len} tokens")
+        whole = len(slots) == len(self.live)
+        if whole:  # batch row i = cache row i: put the inputs in cache order
+            ids = torch.empty_like(ids).index_copy_(0, rows, ids)
+            positions = torch.empty_like(positions).index_copy_(0, rows, positions)
         keys = torch.arange(int(positions.max()) + 1, device=self.device)
         mask = (keys.unsqueeze(0) <= positions.unsqueeze(1))[:, None, None, :]
-        self.cache.plan_decode(len(slots), positions)
+        self.cache.plan_decode(len(slots) if whole else rows, positions)
         logits = self._forward(ids.unsqueeze(1), mask, positions.unsqueeze(1))
         for s in slots:
             s.length += 1
-        return logits[order]
+        return logits[rows] if whole else logits
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
                          use_cache=True, logits_to_keep=1)
         self.forward_passes += 1
         return out.logits[:, -1, :self.vocab_size].float()
+
+
+def decode_streams(runners: dict[str, ModelRunner], streams: list[tuple[str, Slot, int]]) -> list[torch.Tensor]:
+    """One decode step for many streams (model name, slot, next token) over several models: one batched forward
+    per model, covering every live slot of that model. Returns each stream's next-token logits [V], in order."""
+    batches: dict[str, tuple[list[Slot], list[int]]] = {}
+    places = []
+    for name, slot, token in streams:
+        slots, tokens = batches.setdefault(name, ([], []))
+        places.append((name, len(slots)))
+        slots.append(slot)
+        tokens.append(token)
+    logits = {name: runners[name].decode(slots, tokens) for name, (slots, tokens) in batches.items()}
+    return [logits[name][row] for name, row in places]
