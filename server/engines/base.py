@@ -12,6 +12,7 @@ import dataclasses
 from typing import AsyncIterator
 
 from decoding.sampling import SamplingParams
+from decoding.strategies import Report, Strategy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,8 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] = ()
     # Absolute wall-clock time (time.time()) after which the work is abandoned; None: no deadline.
     deadline: float | None = None
+    # A token-level strategy's knobs (decoding/strategies.py); None: plain sampling.
+    strategy: Strategy | None = None
 
 
 @dataclasses.dataclass
@@ -39,12 +42,14 @@ class Usage:
 
 @dataclasses.dataclass
 class GenerationChunk:
-    """New text and token ids; the last chunk of a request has `finish_reason`, `usage` and `seed` set."""
+    """New text and token ids; the last chunk of a request has `finish_reason`, `usage`, `seed` (and the strategy's
+    `report`) set."""
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length"
     usage: Usage | None = None
     seed: int | None = None
+    report: Report | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +79,10 @@ class Engine(abc.ABC):
 
         Closing the iterator early (client gone, deadline) aborts the request's work in the engine.
         """
+
+    @abc.abstractmethod
+    def strategy_support(self) -> dict[str, str | None]:
+        """Per token-level strategy (GenerateRequest oneof field): None if served, else why not."""
 
     @abc.abstractmethod
     def shutdown(self) -> None: ...

@@ -1,9 +1,13 @@
-"""Transformers engine: continuous batching at step granularity over a slot KV cache.
+"""Transformers engine: continuous batching at step granularity over slot KV caches, lock-step across models.
 
-One engine thread owns the model. Each iteration it
+One engine thread owns the base model and its guides (one ModelRunner, i.e. one slot KV cache, per model). A request
+is one sequence on the base model plus, for a token-level strategy, the extra streams of its plan (a guide on the
+prompt, the base on a lame/negative context, in-context experts), each in its own slot. Each iteration the thread
   1. drops cancelled and expired sequences (their slots free at once),
-  2. admits waiting requests while slots are free: one prefill forward each, which also yields their first token,
-  3. runs one batched decode forward for all live sequences and samples one token per row,
+  2. admits waiting requests while every model they need has free slots: one prefill forward per stream, which also
+     yields their first token,
+  3. runs one batched decode forward per model for all live streams of all requests, hands each request's rows to
+     its plan (fusion math, decoding/plans.py) and samples one token per request from the fused scores,
   4. streams each sequence's new text (incremental detokenization, stop strings) to its caller.
 Requests join and leave between steps; nobody waits for a batch to drain. Callers live on asyncio loops (the
 Ray Serve replica's); the thread hands chunks to them with `call_soon_threadsafe`.
@@ -23,13 +27,16 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from decoding.plans import Plan
 from decoding.sampling import SamplingParams, make_generator, sample
 from decoding.text import IncrementalDetokenizer, StopStringMatcher
-from server.config import GroupSpec, ModelSpec
+from server.config import ChorusConfig, GroupSpec, ModelSpec
 from server.engines.base import (Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, Usage)
+from server.engines.guides import ModelLoader
+from server.engines.lockstep import PlanResolver, unavailable_reasons
 from server.engines.prompts import load_tokenizer, prompt_token_ids
-from server.engines.runner import ModelRunner, Slot
-from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from server.engines.runner import ModelRunner, Slot, decode_streams
+from server.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable
 from server.models import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -64,9 +71,15 @@ class _Sequence:
     detokenizer: IncrementalDetokenizer
     stops: StopStringMatcher
     deliver: Callable[[object], None]
-    slot: Slot | None = None
+    plan: Plan | None = None
+    # (model name, context ids) of every stream: the base on the prompt first, then the plan's extra streams.
+    contexts: list[tuple[str, list[int]]] = dataclasses.field(default_factory=list)
+    # One slot per entry of `contexts` while the sequence is live.
+    slots: list[Slot] = dataclasses.field(default_factory=list)
+    # Plan stream i → its row in this sequence's per-step logits (0 = the base's own, reused).
+    stream_rows: list[int] = dataclasses.field(default_factory=list)
     generated: list[int] = dataclasses.field(default_factory=list)
-    forward_passes: int = 0
+    forward_passes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     done: bool = False
 
     @property
@@ -75,24 +88,32 @@ class _Sequence:
 
 
 class TransformersEngine(Engine):
-    def __init__(self, model: ModelSpec, group: GroupSpec):
-        from transformers import AutoModelForCausalLM, GenerationConfig
+    """`config` supplies the guide models' specs; without it the group may have no guides."""
+
+    def __init__(self, model: ModelSpec, group: GroupSpec, config: ChorusConfig | None = None):
+        from transformers import GenerationConfig
 
         if group.torch_threads:
             torch.set_num_threads(group.torch_threads)
         path = resolve_model_path(model.path)
         self._spec = model
         self.tokenizer = load_tokenizer(path)
-        dtype = getattr(torch, model.dtype)
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(model.device).eval()
+        loader = ModelLoader(config.models if config else {model.name: model})
+        hf_model = loader.load(model.name)
         try:
             generation_config = GenerationConfig.from_pretrained(path)
         except OSError:
             generation_config = None
         self._eos = stop_token_ids(self.tokenizer, hf_model.config, generation_config)
         self.max_model_len = model.max_model_len or min(hf_model.config.max_position_embeddings, 4096)
-        self._runner = ModelRunner(hf_model, vocab_size=len(self.tokenizer), max_slots=group.max_batch_size,
-                                   max_len=self.max_model_len)
+        self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len)
+        self._group = group
+        # One runner (slot KV cache) per model: the base, and each distinct guide model. A stream takes one slot.
+        self._runners = {name: ModelRunner(hf_model if name == model.name else loader.load(name),
+                                           vocab_size=len(self.tokenizer), max_slots=group.max_batch_size,
+                                           max_len=self.max_model_len)
+                         for name in dict.fromkeys([model.name, *group.guide_models])}
+        self._runner = self._runners[model.name]
         self._max_waiting = group.max_waiting
         self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
         self._cancelled: set[_Sequence] = set()
@@ -110,6 +131,9 @@ class TransformersEngine(Engine):
         return EngineInfo(engine="transformers", device=self._spec.device, dtype=self._spec.dtype,
                           max_model_len=self.max_model_len)
 
+    def strategy_support(self) -> dict[str, str | None]:
+        return unavailable_reasons(self._group)
+
     def load(self) -> EngineLoad:
         with self._lock:
             return EngineLoad(running=len(self._live), waiting=self._pending)
@@ -117,6 +141,19 @@ class TransformersEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         sampling = request.sampling
         prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len)
+        plan_spec = self._resolver.resolve(request, prompt_ids)
+        contexts = [(self._spec.name, prompt_ids)]
+        stream_rows = []
+        for stream in plan_spec.streams if plan_spec else ():
+            if stream.model is None:
+                stream_rows.append(0)
+            else:
+                contexts.append((stream.model, list(stream.ids)))
+                stream_rows.append(len(contexts) - 1)
+        for name, need in collections.Counter(name for name, _ in contexts).items():
+            if need > self._runners[name].cache.num_slots:
+                raise FailedPrecondition(f"this strategy needs {need} KV-cache slots on model {name!r}; the group's "
+                                         f"max_batch_size is {self._runners[name].cache.num_slots}")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
@@ -125,7 +162,8 @@ class TransformersEngine(Engine):
             generator=None if sampling.greedy else make_generator(seed, self._runner.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer.backend_tokenizer, prompt_ids),
             stops=StopStringMatcher(sampling.stop),
-            deliver=_deliverer(loop, events))
+            deliver=_deliverer(loop, events),
+            plan=plan_spec.build() if plan_spec else None, contexts=contexts, stream_rows=stream_rows)
         with self._lock:
             if self._stopping:
                 raise Unavailable("the engine is shutting down")
@@ -198,25 +236,52 @@ class TransformersEngine(Engine):
                 self._retire(seq)
                 seq.deliver(DeadlineExceeded(f"deadline passed after {len(seq.generated)} tokens"))
 
+    def _fits(self, seq: _Sequence) -> bool:
+        need = collections.Counter(name for name, _ in seq.contexts)
+        return all(self._runners[name].free_slots >= n for name, n in need.items())
+
     def _admit(self) -> None:
-        while self._waiting and self._runner.free_slots:
+        while self._waiting and self._fits(self._waiting[0]):
             seq = self._waiting.popleft()
             with self._lock:
                 self._pending -= 1
-            seq.slot = self._runner.open()
             self._live.append(seq)
-            logits = self._runner.extend(seq.slot, seq.prompt_ids)
-            seq.forward_passes += 1
-            token = sample(logits.unsqueeze(0), [seq.sampling], [seq.generator])
-            self._accept(seq, int(token[0]))
+            rows = []
+            for name, ids in seq.contexts:
+                slot = self._runners[name].open()
+                seq.slots.append(slot)
+                rows.append(self._runners[name].extend(slot, ids))
+                seq.forward_passes[name] += 1
+            scores = self._fuse(seq, torch.stack(rows))
+            self._accept(seq, self._choose(scores.unsqueeze(0), [seq])[0])
 
     def _decode_step(self) -> None:
         live = self._live
-        logits = self._runner.decode([s.slot for s in live], [s.generated[-1] for s in live])
-        tokens = sample(logits, [s.sampling for s in live], [s.generator for s in live]).tolist()
-        for seq, token in zip(list(live), tokens):
-            seq.forward_passes += 1
+        streams = []
+        for seq in live:
+            for (name, _), slot in zip(seq.contexts, seq.slots):
+                streams.append((name, slot, seq.generated[-1]))
+                seq.forward_passes[name] += 1
+        rows = iter(decode_streams(self._runners, streams))
+        scores = torch.stack([self._fuse(seq, torch.stack([next(rows) for _ in seq.slots])) for seq in live])
+        for seq, token in zip(list(live), self._choose(scores, live)):
             self._accept(seq, token)
+
+    @staticmethod
+    def _fuse(seq: _Sequence, rows: torch.Tensor) -> torch.Tensor:
+        """The sequence's next-token scores from its streams' logits rows (row 0: the base on the prompt)."""
+        if seq.plan is None:
+            return rows[0]
+        return seq.plan.step(rows[0], rows[seq.stream_rows], len(seq.generated))
+
+    @staticmethod
+    def _choose(scores: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+        tokens = sample(scores, [s.sampling for s in seqs], [s.generator for s in seqs]).tolist()
+        for i, seq in enumerate(seqs):
+            forced = seq.plan.forced_token(len(seq.generated)) if seq.plan else None
+            if forced is not None:
+                tokens[i] = forced
+        return tokens
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         seq.generated.append(token)
@@ -232,17 +297,18 @@ class TransformersEngine(Engine):
 
     def _finish(self, seq: _Sequence, reason: str, text: str, token_ids: list[int]) -> None:
         usage = Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.generated),
-                      forward_passes={self._spec.name: seq.forward_passes})
+                      forward_passes=dict(seq.forward_passes))
         self._retire(seq)
         seq.deliver(GenerationChunk(text=text, token_ids=token_ids, finish_reason=reason, usage=usage,
-                                    seed=seq.seed))
+                                    seed=seq.seed, report=seq.plan.report() if seq.plan else None))
 
     def _retire(self, seq: _Sequence) -> None:
         if seq.done:
             return
         seq.done = True
-        if seq.slot is not None:
-            self._runner.close(seq.slot)
+        if seq.slots:
+            for (name, _), slot in zip(seq.contexts, seq.slots):
+                self._runners[name].close(slot)
             self._live.remove(seq)
         else:
             self._waiting.remove(seq)

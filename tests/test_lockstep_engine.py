@@ -1,0 +1,99 @@
+"""Token-level strategies on the transformers engine, in-process on the real SmolLM2 weights and the guides of
+deploy/local.yaml: batched, KV-cached lock-step decoding equals a naive full-recompute reference."""
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from decoding.errors import InvalidArgument
+from decoding.strategies import ContrastiveParams, LogitFusionParams, RefusalSteeringParams
+from server.engines.transformers_engine import TransformersEngine
+from server.errors import FailedPrecondition
+from tests.strategy_cases import (BASE, GROUP, LOCAL_CONFIG, QUESTIONS, REFERENCE_MAX_LEN, STRATEGIES,
+                                  assert_equal_to_reference, collect, reference_tokens, request, run_mixed)
+
+MAX_LEN = REFERENCE_MAX_LEN
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
+    models = {**LOCAL_CONFIG.models}
+    models = {n: dataclasses.replace(m, max_model_len=MAX_LEN) for n, m in models.items()}
+    config = dataclasses.replace(LOCAL_CONFIG, models=models)
+    engine = TransformersEngine(models[BASE], dataclasses.replace(GROUP, max_batch_size=12), config)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mixed_run(engine):
+    return asyncio.run(run_mixed(engine))
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_batched_lockstep_equals_naive_recompute(name, mixed_run, engine):
+    assert_equal_to_reference(name, mixed_run[0], engine.tokenizer)
+
+
+@pytest.mark.parametrize("name", ["cd", "fusion-dynamic"])
+def test_literal_step_by_step_recompute_agrees(name, mixed_run):
+    """The teacher-forced reference stands for the literal one (one full forward per stream per step): spot check."""
+    runs, _ = mixed_run
+    assert list(reference_tokens(name, QUESTIONS[2])) == runs[(name, QUESTIONS[2])][0]
+
+
+def test_plain_requests_beside_strategies_are_unchanged(mixed_run, engine):
+    _, plain = mixed_run
+    for question, (tokens, last) in zip(QUESTIONS, plain):
+        solo = asyncio.run(collect(engine, dataclasses.replace(request("cd", question), strategy=None)))[0]
+        assert tokens == solo
+        assert last.report is None and last.usage.forward_passes == {BASE: len(tokens)}
+
+
+def test_reports_and_forward_passes(mixed_run):
+    runs, _ = mixed_run
+    steps = len(runs[("cd", QUESTIONS[0])][0])
+    cd = runs[("cd", QUESTIONS[0])][1]
+    assert cd.report.mode == "cd" and cd.report.guide == "exit8" and cd.report.steps == steps
+    assert cd.usage.forward_passes == {BASE: steps, "smollm2-135m-exit8": steps}
+    uscd = runs[("uscd", QUESTIONS[0])][1]
+    assert uscd.usage.forward_passes == {BASE: 2 * steps}  # the base on the prompt and on the lame prompt
+    assert 0 <= uscd.report.contrasted_steps <= steps
+    fusion = runs[("fusion-dynamic-one-expert", QUESTIONS[0])][1]
+    assert fusion.report.experts == ("concise",) and len(fusion.report.step_weights) == steps
+    # Large = small on the embedded config: with one expert every step is the DLF identity case, alpha* = 1.
+    assert all(w == (1.0,) for w in fusion.report.step_weights)
+    assert fusion.usage.forward_passes == {BASE: 2 * steps}  # small base reuses the base's logits
+    refusal = runs[("refusal-threshold", QUESTIONS[0])]
+    assert refusal[1].report.action == "refuse" and refusal[1].report.category == "refuse"
+    forced = refusal[1].report.forced_token_ids
+    assert tuple(refusal[0][:len(forced)]) == forced
+
+
+def test_bad_knobs_and_unservable_strategies(engine):
+    def refused(strategy):
+        req = dataclasses.replace(request("cd", QUESTIONS[0]), strategy=strategy)
+        return asyncio.run(collect(engine, req))
+
+    with pytest.raises(InvalidArgument, match="unknown guide 'nope'"):
+        refused(ContrastiveParams(guide="nope"))
+    with pytest.raises(InvalidArgument, match="unknown expert 'chemistry'"):
+        refused(LogitFusionParams(experts=("chemistry",)))
+    with pytest.raises(InvalidArgument, match="alphas"):
+        refused(LogitFusionParams(mode="static", alphas=(1.0, 1.0, 1.0)))
+
+
+def test_strategy_the_config_cannot_serve_is_failed_precondition(model_path):
+    bare = dataclasses.replace(GROUP, guides={}, refusal=None, max_batch_size=2)
+    models = {BASE: dataclasses.replace(LOCAL_CONFIG.models[BASE], max_model_len=MAX_LEN)}
+    small = TransformersEngine(models[BASE], bare)
+    try:
+        for strategy, needs in [(ContrastiveParams(), "amateur"), (LogitFusionParams(), "small_base"),
+                                (RefusalSteeringParams(), "refusal")]:
+            req = dataclasses.replace(request("cd", QUESTIONS[0]), strategy=strategy)
+            with pytest.raises(FailedPrecondition, match=needs):
+                asyncio.run(collect(small, req))
+        assert small.strategy_support()["contrastive"] is not None
+    finally:
+        small.shutdown()
