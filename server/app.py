@@ -46,9 +46,9 @@ def make_engine(config: ChorusConfig, group_name: str):
     model = config.models[group.base]
     if model.engine == "vllm":
         from server.engines.vllm_engine import VLLMEngine
-        return VLLMEngine(model, group)
+        return VLLMEngine(model, group, config)
     from server.engines.transformers_engine import TransformersEngine
-    return TransformersEngine(model, group)
+    return TransformersEngine(model, group, config)
 
 
 @serve.deployment(name="group", max_ongoing_requests=1024)
@@ -74,7 +74,7 @@ class ModelGroup:
     def describe(self) -> dict:
         info, load = self._engine.info(), self._engine.load()
         return {"model": self._group.base, "group": self._group.name, **dataclasses.asdict(info),
-                "running": load.running, "waiting": load.waiting}
+                "running": load.running, "waiting": load.waiting, "strategies": self._engine.strategy_support()}
 
     def __del__(self):
         engine = getattr(self, "_engine", None)

@@ -6,6 +6,10 @@ The generic tests of test_server.py are imported, so pytest runs them again here
 import pytest
 
 from chorus.v1 import decoding_pb2 as pb
+from tests.integration.strategy_checks import (  # noqa: F401  (the fusion logits processor inside vLLM)
+    strategy_runs, test_bad_strategy_knobs_are_refused_with_a_usable_message,
+    test_every_strategy_and_mode_answers_with_its_report, test_list_models_reports_strategies_and_guides,
+    test_neutral_knobs_reduce_to_plain_greedy, test_strategies_mixed_with_plain_requests_equal_their_solo_runs)
 from tests.integration.test_server import (  # noqa: F401  (collected and run against the vLLM server)
     test_bad_input_is_invalid_argument_naming_the_field, test_cancelled_stream_stops_the_work,
     test_deadline_exceeded_stops_the_work_and_the_server_keeps_serving,
@@ -20,4 +24,4 @@ CONFIG = "deploy/local-vllm.yaml"
 
 def test_list_models_reports_vllm(stub):
     model = stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]
-    assert (model.name, model.engine, model.max_model_len) == ("smollm2-135m-instruct", "vllm", 2048)
+    assert (model.name, model.engine, model.max_model_len) == ("smollm2-135m-instruct", "vllm", 1024)
