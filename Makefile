@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 PROTOS := $(wildcard protos/chorus/v1/*.proto)
 STUBS  := chorus/v1/decoding_pb2.py
 
-.PHONY: serve test install install-cpu proto models bench bench-vllm clean
+.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm clean
 
 serve: install models
 	$(BIN)/chorus serve --config $(CONFIG)
@@ -60,6 +60,14 @@ bench: install models
 
 bench-vllm: install-cpu models
 	$(BIN)/python -m bench.run --config deploy/local-vllm.yaml --name vllm
+
+# Token-level strategies vs plain decoding and vs a naive one-at-a-time implementation (bench/strategies.py).
+bench-strategies: install models
+	$(BIN)/python -m bench.strategies --config deploy/local.yaml --name strategies
+
+# The same strategies with the base on vLLM (fusion logits processor) vs plain vLLM decoding.
+bench-strategies-vllm: install-cpu models
+	$(BIN)/python -m bench.strategies --config deploy/local-vllm.yaml --name strategies-vllm --no-naive
 
 clean:
 	rm -rf $(VENV) chorus/v1 *.egg-info

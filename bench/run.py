@@ -141,7 +141,24 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def run_server_levels(address: str, levels: list[int], total_for, max_tokens: int) -> dict:
+def with_server(config: str, log_path: Path, measure):
+    """Start a server on `config`, return `measure("host:port")` and stop it; None (log tail printed) if it
+    does not start."""
+    port = free_port()
+    try:
+        server = start_server(config, port, log_path)
+    except RuntimeError as error:
+        print(f"{error}\n--- server log tail ---\n{log_tail(log_path)}", file=sys.stderr)
+        return None
+    try:
+        return measure(f"127.0.0.1:{port}")
+    finally:
+        stop_server(server)
+
+
+async def run_server_levels(address: str, levels: list[int], total_for, max_tokens: int,
+                            strategy: dict | None = None) -> dict:
+    """`strategy`: GenerateRequest oneof fields, e.g. {"contrastive": pb.ContrastiveDecoding()}; None: plain."""
     import grpc
 
     from chorus.v1 import decoding_pb2 as pb
@@ -153,7 +170,7 @@ async def run_server_levels(address: str, levels: list[int], total_for, max_toke
         async def one_request(i: int) -> Recorder:
             request = pb.GenerateRequest(
                 messages=[pb.ChatMessage(role="user", content=prompt(i))],
-                sampling=pb.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+                sampling=pb.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), **(strategy or {}))
             record = Recorder()
             async for message in stub.GenerateStream(request, timeout=600):
                 record.tokens_arrived(len(message.token_ids))
@@ -227,35 +244,34 @@ def plot(results: dict, levels: list[int], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def load_arguments(description: str, name: str, concurrency: list[int], max_tokens: int, requests: int,
+                   add_more=lambda parser: None):
+    """The arguments every benchmark here takes; returns (args, sorted levels, output folder, requests per level)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="deploy/local.yaml")
-    parser.add_argument("--name", default="foundation", help="output file stem")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--requests-per-level", "--requests", dest="requests", type=int, default=8,
+    parser.add_argument("--name", default=name, help="output file stem")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=concurrency)
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--requests-per-level", "--requests", dest="requests", type=int, default=requests,
                         help="requests per level (at least 2 per client)")
     parser.add_argument("--out", default="bench/results")
+    add_more(parser)
     args = parser.parse_args()
-
-    levels = sorted(args.concurrency)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    total_for = lambda c: max(args.requests, 2 * c)  # noqa: E731
+    return args, sorted(args.concurrency), out, lambda c: max(args.requests, 2 * c)
+
+
+def main() -> int:
+    args, levels, out, total_for = load_arguments(__doc__, "foundation", [1, 4, 16], 64, 8)
     started = time.time()
     load_before = os.getloadavg()
 
-    port = free_port()
-    log_path = out / f"{args.name}-server.log"
-    try:
-        server = start_server(args.config, port, log_path)
-    except RuntimeError as error:
-        print(f"{error}\n--- server log tail ---\n{log_tail(log_path)}", file=sys.stderr)
+    server_results = with_server(args.config, out / f"{args.name}-server.log",
+                                 lambda address: asyncio.run(run_server_levels(address, levels, total_for,
+                                                                               args.max_tokens)))
+    if server_results is None:
         return 1
-    try:
-        server_results = asyncio.run(run_server_levels(f"127.0.0.1:{port}", levels, total_for, args.max_tokens))
-    finally:
-        stop_server(server)
     in_process_results = asyncio.run(run_in_process_levels(args.config, levels, total_for, args.max_tokens))
 
     results = {"server": server_results, "in_process": in_process_results}
