@@ -18,6 +18,13 @@ equal losses (with L = S, a = 1 on either of two experts gives the same loss) di
 batched and a recomputed forward, and must not flip the choice; the second term, scaled to the targets, gives an
 exact-zero minimum a band too, far below the loss of a neighbouring grid point.
 Identity check: if M_L = M_S and one expert, α = 1 gives P̃ = Q_1 and loss 0, so α* = 1.
+
+The two KLs of a candidate come without materialising log P̃ over the vocabulary: with Δ = M_{S_t} − M_S and
+log Z(a) = logsumexp(M_L + a·Δ) (M_L is normalised), log P̃ = M_L + a·Δ − log Z, so
+
+    KL(P̃‖P) = a · E_P̃[Δ] − log Z        KL(P‖P̃) = log Z − a · E_P[Δ]
+
+one exp pass and one reduction per candidate, no log-softmax over the [B, T·K, V] candidates.
 """
 
 from __future__ import annotations
@@ -60,17 +67,21 @@ def dynamic_fusion(large_logits: torch.Tensor, small_base_logits: torch.Tensor, 
     forward_targets = kl_divergence(experts, small.unsqueeze(0))   # [T, B]  KL(Q_t‖Q)
     reverse_targets = kl_divergence(small.unsqueeze(0), experts)   # [T, B]  KL(Q‖Q_t)
     deltas = (experts - small.unsqueeze(0)).transpose(0, 1)        # [B, T, V]
-    # Candidates k = t·K + j: log P̃ = log_softmax(M_L + grid[j] · Δ_t), [B, T·K, V].
-    candidates = torch.log_softmax(
-        large[:, None, None, :] + grid[None, None, :, None] * deltas[:, :, None, :], dim=-1
-    ).reshape(batch, num_experts * len(grid), -1)
-    forward = kl_divergence(candidates, large.unsqueeze(1))        # [B, T·K]  KL(P̃‖P)
-    reverse = kl_divergence(large.unsqueeze(1), candidates)        # [B, T·K]  KL(P‖P̃)
+    # Candidates k = t·K + j, a = grid[j]: weights e^(M_L + a·Δ_t − max) [B, T, K, V], built in place.
+    tilted = torch.addcmul(large[:, None, None, :], grid[None, None, :, None], deltas[:, :, None, :])
+    top = tilted.amax(-1, keepdim=True)
+    total = tilted.sub_(top).exp_().sum(-1)                        # [B, T, K]
+    log_z = top.squeeze(-1) + total.log()
+    tilted_mean = torch.einsum("btkv,btv->btk", tilted, deltas) / total     # E_P̃[Δ_t]
+    base_mean = torch.einsum("bv,btv->bt", large.exp(), deltas)[..., None]  # E_P[Δ_t]
+    forward = (grid * tilted_mean - log_z).reshape(batch, -1)      # [B, T·K]  KL(P̃‖P)
+    reverse = (log_z - grid * base_mean).reshape(batch, -1)        # [B, T·K]  KL(P‖P̃)
     loss = ((forward.unsqueeze(-1) - forward_targets.T.unsqueeze(1)) ** 2
             + (reverse.unsqueeze(-1) - reverse_targets.T.unsqueeze(1)) ** 2).sum(-1)
     scale = (forward_targets ** 2 + reverse_targets ** 2).sum(0).unsqueeze(-1)  # [B, 1]
     floor = loss.min(dim=-1, keepdim=True).values
     best = (loss <= floor * (1 + TIE_RTOL) + TIE_ATOL * scale).int().argmax(dim=-1)  # the first (near-)minimum
+    rows, expert, alpha = torch.arange(batch), best // len(grid), grid[best % len(grid)]
     weights = torch.zeros(batch, num_experts, device=large.device)
-    weights[torch.arange(batch), best // len(grid)] = grid[best % len(grid)]
-    return candidates[torch.arange(batch), best], weights
+    weights[rows, expert] = alpha
+    return torch.log_softmax(large + alpha[:, None] * deltas[rows, expert], dim=-1), weights
