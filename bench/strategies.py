@@ -5,7 +5,8 @@ naive research-style implementation, all in one run.
     .venv/bin/python -m bench.strategies --config deploy/local-vllm.yaml --name strategies-vllm --no-naive
 
 Chorus: `chorus serve` in a separate process, driven over gRPC by closed-loop clients (bench/run.py) at concurrency
-1 and 8, greedy, `ignore_eos`, fixed max_tokens; one pass per strategy and mode, plain decoding first.
+1 and 8, greedy, `ignore_eos`, fixed max_tokens; one pass per strategy and mode, plain decoding first and again
+last (the baseline of the ratios is the mean of the two; their spread shows the run's noise).
 
 Naive: what the papers' reference scripts do — one request at a time, transformers `generate` with the base model's
 KV cache, and a LogitsProcessor that recomputes every other stream (amateur, lame/negative context, experts) from
@@ -13,14 +14,17 @@ scratch on its whole context at every step, then applies the same fusion math (d
 does not depend on concurrency (requests are served one after another).
 
 Forward times: one decode forward at batch 1 of the base and of the amateur on the slot cache (median of 20 after
-warm-up, context ~50 tokens), to compare CD's time per token with base + amateur.
+warm-up, context ~50 tokens), to compare CD's time per token with base + amateur, both through the server and on
+the transformers engine in-process (a fresh process, one request at a time; transformers configs only).
 Writes <out>/<name>.json and .png. Timings are never asserted anywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -123,6 +127,39 @@ def naive_runner(config_path: str):
     return run, forward_times
 
 
+def engine_time_per_token(config_path: str, max_tokens: int, requests: int = 3) -> dict:
+    """Inter-token latency p50 (s) of plain decoding and of CD on the transformers engine in-process, one request at
+    a time: the lock-step engine without the server's streaming hops. Run in a fresh process (the engine's torch
+    thread must be the process's only one, see TransformersEngine)."""
+    from chorus.v1 import decoding_pb2 as pb
+    from server.config import load_deploy_file
+    from server.engines.transformers_engine import TransformersEngine
+    from server.service import to_generation_request
+
+    config = load_deploy_file(config_path).chorus
+    group = next(iter(config.groups.values()))
+    engine = TransformersEngine(config.models[group.base], group, config)
+
+    async def gaps(i: int, fields: dict) -> list[float]:
+        request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=prompt(i))],
+                                     sampling=pb.SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                ignore_eos=True), **fields)
+        arrivals = [time.perf_counter()]
+        async for _ in engine.generate(to_generation_request(request, f"engine-{i}", None)):
+            arrivals.append(time.perf_counter())
+        return [b - a for a, b in zip(arrivals[1:], arrivals[2:])]  # after the first token
+
+    try:
+        result = {}
+        for name in ("plain", "cd"):
+            fields = strategies()[name]
+            asyncio.run(gaps(10_000, fields))  # warm-up
+            result[name] = statistics.median(g for i in range(requests) for g in asyncio.run(gaps(i, fields)))
+        return result
+    finally:
+        engine.shutdown()
+
+
 def main() -> int:
     def strategy_arguments(parser):
         parser.add_argument("--naive-requests", type=int, default=3)
@@ -136,7 +173,7 @@ def main() -> int:
 
     def measure_every_strategy(address: str) -> dict:
         measured = {}
-        for name, fields in cases.items():
+        for name, fields in [*cases.items(), ("plain_again", {})]:
             measured[name] = asyncio.run(run_server_levels(address, levels, total_for, args.max_tokens, fields))
             print(name, {c: round(measured[name][c]["tokens_per_s"], 1) for c in levels}, flush=True)
         return measured
@@ -145,8 +182,11 @@ def main() -> int:
     if chorus is None:
         return 1
 
-    naive, forward = {}, {}
+    naive, forward, engine_itl = {}, {}, {}
     if not args.no_naive:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            engine_itl = pool.submit(engine_time_per_token, args.config, args.max_tokens).result()
+        print("in-process engine ITL p50 (s)", engine_itl, flush=True)
         torch.set_num_threads(os.cpu_count())
         run, forward_times = naive_runner(args.config)
         forward = forward_times()
@@ -158,20 +198,26 @@ def main() -> int:
             print("naive", name, round(naive[name]["tokens_per_s"], 1), flush=True)
 
     low, high = levels[0], levels[-1]
-    ratios = {}
+    # Plain decoding ran first and again last: the baseline is their mean, their spread the run's noise.
+    plain = {c: (chorus["plain"][c]["tokens_per_s"] + chorus["plain_again"][c]["tokens_per_s"]) / 2 for c in levels}
+    ratios = {f"plain_again_vs_plain_at_{c}": chorus["plain_again"][c]["tokens_per_s"] / chorus["plain"][c]["tokens_per_s"]
+              for c in levels}
     for name in cases:
         r = chorus[name]
-        ratios[f"{name}_vs_plain_at_{low}"] = r[low]["tokens_per_s"] / chorus["plain"][low]["tokens_per_s"]
-        ratios[f"{name}_vs_plain_at_{high}"] = r[high]["tokens_per_s"] / chorus["plain"][high]["tokens_per_s"]
+        ratios[f"{name}_vs_plain_at_{low}"] = r[low]["tokens_per_s"] / plain[low]
+        ratios[f"{name}_vs_plain_at_{high}"] = r[high]["tokens_per_s"] / plain[high]
         if name in naive:
             ratios[f"{name}_at_{high}_vs_naive"] = r[high]["tokens_per_s"] / naive[name]["tokens_per_s"]
             ratios[f"{name}_at_{low}_vs_naive"] = r[low]["tokens_per_s"] / naive[name]["tokens_per_s"]
     if forward and "cd" in chorus:
-        cd_time_per_token = chorus["cd"][low]["itl_ms_p50"] / 1000
-        ratios["cd_time_per_token_at_1_vs_base_plus_amateur_forward"] = \
-            cd_time_per_token / (forward["base"] + forward["amateur"])
+        both = forward["base"] + forward["amateur"]
+        ratios[f"server_cd_itl_at_{low}_vs_base_plus_amateur_forward"] = chorus["cd"][low]["itl_ms_p50"] / 1000 / both
+        ratios[f"server_plain_itl_at_{low}_vs_base_forward"] = chorus["plain"][low]["itl_ms_p50"] / 1000 / forward["base"]
+        ratios["engine_cd_itl_vs_base_plus_amateur_forward"] = engine_itl["cd"] / both
+        ratios["engine_plain_itl_vs_base_forward"] = engine_itl["plain"] / forward["base"]
     report = {"config": args.config, "max_tokens": args.max_tokens, "levels": levels,
-              "chorus": chorus, "naive": naive, "forward_s_batch1": forward, "ratios": ratios,
+              "chorus": chorus, "naive": naive, "forward_s_batch1": forward, "engine_itl_s_p50": engine_itl,
+              "ratios": ratios,
               "run_s": time.time() - started,
               "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                           "loadavg_before": load_before, "loadavg_after": os.getloadavg()}}
