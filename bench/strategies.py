@@ -59,14 +59,14 @@ def naive_runner(config_path: str):
     from server.config import load_deploy_file
     from server.engines.guides import ModelLoader
     from server.engines.lockstep import PlanResolver
-    from server.engines.prompts import load_tokenizer
+    from server.engines.prompts import load_tokenizer, render_prompt
     from server.models import resolve_model_path
     from server.service import to_generation_request
     from chorus.v1 import decoding_pb2 as pb
 
     config = load_deploy_file(config_path).chorus
     group = next(iter(config.groups.values()))
-    loader = ModelLoader({n: m for n, m in config.models.items()})
+    loader = ModelLoader(config.models)
     models = {name: loader.load(name) for name in {group.base, *group.guide_models}}
     tokenizer = load_tokenizer(resolve_model_path(config.models[group.base].path))
     resolver = PlanResolver(group, tokenizer, 2048)
@@ -84,10 +84,7 @@ def naive_runner(config_path: str):
                        for s in self.spec.streams]
             fused = self.plan.step(base, torch.stack(streams) if streams else base.new_empty((0, vocab)),
                                    len(generated))
-            forced = self.plan.forced_token(len(generated))
-            if forced is not None:
-                fused = torch.full_like(fused, float("-inf"))
-                fused[forced] = 0
+            fused = self.plan.forcing(fused, len(generated))
             out = torch.full_like(scores, float("-inf"))
             out[0, :vocab] = fused
             return out
@@ -97,9 +94,7 @@ def naive_runner(config_path: str):
                                      sampling=pb.SamplingParams(temperature=0, max_tokens=max_tokens,
                                                                 ignore_eos=True), **fields)
         domain = to_generation_request(request, f"naive-{i}", None)
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt(i)}], add_generation_prompt=True,
-                                             tokenize=False)
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = render_prompt(tokenizer, domain)
         spec = resolver.resolve(domain, ids)
         processors = LogitsProcessorList([RecomputeStreams(spec, len(ids))] if spec else [])
         with torch.inference_mode():

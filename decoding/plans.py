@@ -81,6 +81,16 @@ class Plan(abc.ABC):
         """A token the plan imposes instead of sampling at this position (refusal steering), or None."""
         return self._forced[position] if position < len(self._forced) else None
 
+    def forcing(self, scores: torch.Tensor, position: int) -> torch.Tensor:
+        """`scores`, or, where the plan imposes a token at `position`, 0 on that token and −inf elsewhere (for a
+        sampler that cannot be handed the token, such as a logits processor)."""
+        forced = self.forced_token(position)
+        if forced is None:
+            return scores
+        one_hot = torch.full_like(scores, float("-inf"))
+        one_hot[forced] = 0.0
+        return one_hot
+
     @abc.abstractmethod
     def report(self) -> Report: ...
 

@@ -116,10 +116,7 @@ class GuideHost:
             streams = [base if s is None else next(guide_rows) for s in request.streams]
             position = len(generated)
             scores = request.plan.step(base, torch.stack(streams) if streams else base.new_empty((0, vocab)), position)
-            forced = request.plan.forced_token(position)
-            if forced is not None:
-                scores = torch.full_like(scores, float("-inf"))
-                scores[forced] = 0.0
+            scores = request.plan.forcing(scores, position)
             logits[row, :vocab] = scores.to(logits.dtype)
             logits[row, vocab:] = float("-inf")
             self._sink(key, {"steps": request.plan.steps, "report": request.plan.report(),
