@@ -184,10 +184,11 @@ async def run_server_levels(address: str, levels: list[int], total_for, max_toke
 # ---- in-process ----
 
 async def run_in_process_levels(config: str, levels: list[int], total_for, max_tokens: int) -> dict:
+    from decoding.chat import ChatMessage
     from decoding.sampling import SamplingParams
     from server.app import make_engine
     from server.config import load_deploy_file
-    from server.engines.base import ChatMessage, GenerationRequest
+    from server.engines.base import GenerationRequest
 
     chorus = load_deploy_file(config).chorus
     group = next(iter(chorus.groups))

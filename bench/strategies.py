@@ -57,8 +57,8 @@ def naive_runner(config_path: str):
     from transformers import LogitsProcessor, LogitsProcessorList
 
     from server.config import load_deploy_file
-    from server.engines.guides import ModelLoader
-    from server.engines.lockstep import PlanResolver
+    from server.lockstep.guides import ModelLoader
+    from server.strategies.registry import PlanResolver
     from server.engines.prompts import load_tokenizer, render_prompt
     from server.models import resolve_model_path
     from server.service import to_generation_request
@@ -104,7 +104,7 @@ def naive_runner(config_path: str):
         return out.shape[1] - len(ids)
 
     def forward_times() -> dict:
-        from server.engines.runner import ModelRunner
+        from server.lockstep.runner import ModelRunner
         times = {}
         ids = tokenizer.encode(prompt(0) * 3)[:50]
         for role, name in (("base", group.base), ("amateur", group.guides_with_role("amateur")[0].model)):

@@ -39,6 +39,8 @@ class StreamSpec:
 
 @dataclasses.dataclass(frozen=True)
 class PlanSpec:
+    """`plan` is the Plan class that runs `params` (the strategy registry pairs them); a class pickles by name."""
+    plan: type["Plan"]
     params: ContrastiveParams | LogitFusionParams | RefusalSteeringParams
     streams: tuple[StreamSpec, ...] = ()
     # Names for the report: the guide (contrastive), small base and experts (fusion).
@@ -47,16 +49,16 @@ class PlanSpec:
     markers: refusal.RefusalMarkers | None = None
 
     def build(self) -> "Plan":
-        params = self.params
-        if isinstance(params, ContrastiveParams):
-            return ContrastivePlan(self)
-        if isinstance(params, LogitFusionParams):
-            return LogitFusionPlan(self)
-        return RefusalPlan(self)
+        return self.plan(self)
 
 
 class Plan(abc.ABC):
+    params_type: type  # the strategy params a plan of this class runs
+
     def __init__(self, spec: PlanSpec):
+        if not isinstance(spec.params, self.params_type):
+            raise TypeError(f"{type(self).__name__} runs {self.params_type.__name__}, "
+                            f"not {type(spec.params).__name__}")
         self.spec = spec
         self._forced: tuple[int, ...] = ()  # tokens imposed at positions 0, 1, ...
         self._records: dict[int, object] = {}  # position → what the step decided, for the report
@@ -98,6 +100,7 @@ class Plan(abc.ABC):
 class ContrastivePlan(Plan):
     """cd: streams [amateur on the prompt]; uscd: [base on the lame prompt]; steer: [B on the prompt, base on the
     negative context]."""
+    params_type = ContrastiveParams
 
     def __init__(self, spec: PlanSpec):
         super().__init__(spec)
@@ -122,6 +125,7 @@ class ContrastivePlan(Plan):
 
 class LogitFusionPlan(Plan):
     """Streams [small base S on the prompt, expert 1, ..., expert T] (each on its own in-context prompt)."""
+    params_type = LogitFusionParams
 
     def __init__(self, spec: PlanSpec):
         super().__init__(spec)
@@ -152,6 +156,7 @@ class LogitFusionPlan(Plan):
 
 class RefusalPlan(Plan):
     """No extra streams: at the first step the refusal decision forces or bans the reply's first tokens."""
+    params_type = RefusalSteeringParams
 
     def __init__(self, spec: PlanSpec):
         super().__init__(spec)

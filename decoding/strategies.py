@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from decoding.chat import ChatMessage
 from decoding.errors import InvalidArgument
 from decoding.refusal import RefusalParams
 
@@ -20,7 +21,7 @@ FUSION_MODES = ("dynamic", "static")
 class Context:
     """Another prompt for the same model (USCD's lame prompt, STEER's negative context): raw text or chat."""
     prompt: str | None = None
-    messages: tuple = ()  # of server-side ChatMessage; kept opaque here
+    messages: tuple[ChatMessage, ...] = ()
 
     @property
     def empty(self) -> bool:

@@ -39,12 +39,15 @@ def _deploy_failure(app_name: str, stop: threading.Event) -> str | None:
 
 def _cmd_serve(args) -> int:
     from server.config import load_deploy_file
-    from server.engines.guides import check_tokenizers
+    from server.lockstep.guides import check_tokenizers
     from server.models import resolve_model_path
 
     deploy = load_deploy_file(args.config, port=args.port, host=args.host)
     for spec in deploy.chorus.models.values():
         resolve_model_path(spec.path)  # fail now, before Ray starts, if a model is missing
+        if spec.engine == "vllm":  # or if vLLM is missing or does not know an engine argument
+            from server.engines.vllm_engine import check_engine_args
+            check_engine_args(spec)
     check_tokenizers(deploy.chorus)  # and if guides cannot be fused with their base
     frontend = deploy.chorus.frontend
     address = f"{frontend.host}:{frontend.port}"

@@ -19,18 +19,18 @@ import grpc
 from chorus.v1 import decoding_pb2 as pb
 from chorus.v1 import decoding_pb2_grpc as pb_grpc
 from decoding.errors import InvalidArgument
-from decoding.refusal import RefusalParams
 from decoding.sampling import SamplingParams
-from decoding.strategies import (ContrastiveParams, ContrastiveReport, Context, LogitFusionParams, LogitFusionReport,
-                                 RefusalReport, RefusalSteeringParams, Report, Strategy)
 from server.config import ChorusConfig
-from server.engines.base import ChatMessage, GenerationChunk, GenerationRequest
-from server.errors import NotFound, Unimplemented, status_code_name
+from server.engines.base import GenerationChunk, GenerationRequest
+from server.errors import NotFound, status_code_name
+from server.strategies import registry
+from server.strategies.protobuf import chat_messages
 
 log = logging.getLogger("ray.serve.chorus")  # a child of Serve's logger: same format, same files
 
 NOT_BUILT = "not implemented yet"
-STRATEGIES = ("contrastive", "logit_fusion", "entropy_switch", "refusal_steering", "best_of_n")
+# Every strategy the API declares (the GenerateRequest oneof), whether or not the registry serves it yet.
+API_STRATEGIES = tuple(f.name for f in pb.GenerateRequest.DESCRIPTOR.oneofs_by_name["strategy"].fields)
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 
@@ -55,59 +55,16 @@ def to_sampling(proto: pb.SamplingParams) -> SamplingParams:
     ).validate()
 
 
-def _optionals(proto, names: tuple[str, ...]) -> dict:
-    """The set optional fields of `proto` among `names`; unset ones keep the dataclass default."""
-    return {n: getattr(proto, n) for n in names if proto.HasField(n)}
-
-
-def _messages(messages) -> tuple[ChatMessage, ...]:
-    return tuple(ChatMessage(role=m.role, content=m.content) for m in messages)
-
-
-def to_strategy(proto: pb.GenerateRequest) -> Strategy | None:
-    """The strategy oneof as validated domain params (decoding/strategies.py); defaults from ALGORITHMS.md."""
+def to_strategy(proto: pb.GenerateRequest):
+    """The strategy oneof as validated domain params (the registry entry's `from_proto`); None: plain sampling."""
     which = proto.WhichOneof("strategy")
     if which is None:
         return None
-    if which == "contrastive":
-        p = proto.contrastive
-        mode = {p.MODE_UNSPECIFIED: "cd", p.MODE_CD: "cd", p.MODE_USCD: "uscd", p.MODE_STEER: "steer"}[p.mode]
-        context = Context(prompt=p.contrast_context.prompt or None, messages=_messages(p.contrast_context.messages))
-        if context.prompt and context.messages:
-            raise InvalidArgument("contrastive.contrast_context", "give either prompt or messages, not both")
-        return ContrastiveParams(mode=mode, guide=p.guide, contrast_context=context, **_optionals(p, (
-            "alpha", "beta", "amateur_temperature", "uncertainty_threshold", "uscd_eta", "standard_weight",
-            "lame_weight", "gamma", "eta"))).validate()
-    if which == "logit_fusion":
-        p = proto.logit_fusion
-        mode = "static" if p.mode == p.MODE_STATIC else "dynamic"
-        return LogitFusionParams(mode=mode, experts=tuple(p.experts), alphas=tuple(p.alphas), small_base=p.small_base,
-                                 report_weights=p.report_weights,
-                                 **_optionals(p, ("grid_max", "grid_step"))).validate()
-    if which == "refusal_steering":
-        p = proto.refusal_steering
-        mode = {p.MODE_UNSPECIFIED: "argmax", p.MODE_ARGMAX: "argmax", p.MODE_THRESHOLD: "threshold",
-                p.MODE_LOGIT_BIAS: "logit_bias"}[p.mode]
-        decision = RefusalParams(mode=mode, thresholds=dict(p.thresholds), biases=dict(p.biases),
-                                 controlled=tuple(p.categories),
-                                 **_optionals(p, ("threshold", "bias", "softmax_temperature")))
-        return RefusalSteeringParams(decision=decision,
-                                     prefixes=tuple((x.category, x.text) for x in p.refusal_prefixes))
-    raise Unimplemented(f"strategy {which!r} is declared in the API but not implemented yet")
+    return registry.strategy(which).from_proto(getattr(proto, which))
 
 
-def report_proto(report: Report) -> pb.StrategyReport:
-    if isinstance(report, ContrastiveReport):
-        return pb.StrategyReport(contrastive=pb.ContrastiveReport(
-            mode=report.mode, guide=report.guide, steps=report.steps, contrasted_steps=report.contrasted_steps))
-    if isinstance(report, LogitFusionReport):
-        return pb.StrategyReport(logit_fusion=pb.LogitFusionReport(
-            mode=report.mode, small_base=report.small_base, experts=report.experts, mean_weights=report.mean_weights,
-            steps=[pb.FusionWeights(alphas=w) for w in report.step_weights]))
-    assert isinstance(report, RefusalReport)
-    return pb.StrategyReport(refusal_steering=pb.RefusalReport(
-        decision=report.action, category=report.category or "", probabilities=report.probabilities,
-        respond_probability=report.respond_probability, forced_token_ids=report.forced_token_ids))
+def report_proto(field: str, report) -> pb.StrategyReport:
+    return pb.StrategyReport(**{field: registry.strategy(field).report_to_proto(report)})
 
 
 def to_generation_request(proto: pb.GenerateRequest, request_id: str, deadline: float | None
@@ -120,7 +77,7 @@ def to_generation_request(proto: pb.GenerateRequest, request_id: str, deadline: 
         request_id=request_id,
         sampling=to_sampling(proto.sampling),
         prompt=proto.prompt or None,
-        messages=_messages(proto.messages),
+        messages=chat_messages(proto.messages),
         deadline=deadline,
         strategy=to_strategy(proto),
     )
@@ -154,7 +111,7 @@ class DecodingService(pb_grpc.DecodingServicer):
             text="".join(text), token_ids=token_ids, finish_reason=_FINISH[last.finish_reason],
             usage=_usage_proto(last), request_id=request_id, model=model, seed=last.seed)
         if last.report is not None:
-            response.report.CopyFrom(report_proto(last.report))
+            response.report.CopyFrom(report_proto(request.WhichOneof("strategy"), last.report))
         return response
 
     async def GenerateStream(self, request, context):
@@ -167,7 +124,7 @@ class DecodingService(pb_grpc.DecodingServicer):
                     message.usage.CopyFrom(_usage_proto(chunk))
                     message.seed = chunk.seed
                     if chunk.report is not None:
-                        message.report.CopyFrom(report_proto(chunk.report))
+                        message.report.CopyFrom(report_proto(request.WhichOneof("strategy"), chunk.report))
                 yield message
 
     async def _generate(self, request, context, rpc: str):
@@ -219,7 +176,7 @@ class DecodingService(pb_grpc.DecodingServicer):
                 strategies=[pb.StrategySupport(strategy="plain", available=True)] + [
                     pb.StrategySupport(strategy=s, available=support.get(s, NOT_BUILT) is None,
                                        reason=support.get(s, NOT_BUILT) or "")
-                    for s in STRATEGIES + ("rerank",)],
+                    for s in API_STRATEGIES + ("rerank",)],
                 running_requests=entry["running"], waiting_requests=entry["waiting"]))
             group = self._config.groups[entry["group"]]
             for guide in group.guides.values():

@@ -8,7 +8,8 @@ import pytest
 from decoding.errors import InvalidArgument
 from decoding.sampling import SamplingParams
 from server.config import GroupSpec, ModelSpec
-from server.engines.base import ChatMessage, GenerationRequest
+from decoding.chat import ChatMessage
+from server.engines.base import GenerationRequest
 from server.engines.transformers_engine import TransformersEngine
 from server.errors import DeadlineExceeded, ResourceExhausted
 from tests.conftest import EMBEDDED

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from server.config import parse_chorus_config
-from server.engines.guides import check_tokenizers, early_exit_view
+from server.lockstep.guides import check_tokenizers, early_exit_view
 from server.errors import ConfigError
 from tests.conftest import EMBEDDED
 

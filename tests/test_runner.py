@@ -2,7 +2,7 @@
 
 import torch
 
-from server.engines.runner import ModelRunner
+from server.lockstep.runner import ModelRunner
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a village by the sea,", "def fibonacci(n):"]
 STEPS = 32

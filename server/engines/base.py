@@ -11,14 +11,9 @@ import abc
 import dataclasses
 from typing import AsyncIterator
 
+from decoding.chat import ChatMessage
 from decoding.sampling import SamplingParams
 from decoding.strategies import Report, Strategy
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatMessage:
-    role: str
-    content: str
 
 
 @dataclasses.dataclass(frozen=True)

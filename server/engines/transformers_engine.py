@@ -33,10 +33,10 @@ from decoding.sampling import SamplingParams, make_generator, sample
 from decoding.text import IncrementalDetokenizer, StopStringMatcher
 from server.config import ChorusConfig, GroupSpec, ModelSpec
 from server.engines.base import (Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, Usage)
-from server.engines.guides import ModelLoader
-from server.engines.lockstep import PlanResolver, unavailable_reasons
+from server.lockstep.guides import ModelLoader
+from server.strategies.registry import PlanResolver, availability
 from server.engines.prompts import load_tokenizer, prompt_token_ids
-from server.engines.runner import ModelRunner, Slot, decode_streams
+from server.lockstep.runner import ModelRunner, Slot, decode_streams
 from server.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable
 from server.models import resolve_model_path
 
@@ -142,7 +142,7 @@ class TransformersEngine(Engine):
                           max_model_len=self.max_model_len)
 
     def strategy_support(self) -> dict[str, str | None]:
-        return unavailable_reasons(self._group)
+        return availability(self._group)
 
     def load(self) -> EngineLoad:
         with self._lock:

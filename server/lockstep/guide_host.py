@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from decoding.plans import Plan, PlanSpec
-from server.engines.runner import ModelRunner, Slot, decode_streams
+from server.lockstep.runner import ModelRunner, Slot, decode_streams
 
 ReportSink = Callable[[str, dict], None]
 

@@ -1,0 +1,100 @@
+"""The strategy registry: every API strategy is either registered or UNIMPLEMENTED, and each entry converts its
+protobuf message, reports its availability, and resolves to the plan of its own strategy."""
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from chorus.v1 import decoding_pb2 as pb
+from decoding.chat import ChatMessage
+from decoding.plans import ContrastivePlan, LogitFusionPlan, PlanSpec, RefusalPlan
+from decoding.sampling import SamplingParams
+from decoding.strategies import (ContrastiveParams, ContrastiveReport, LogitFusionParams, LogitFusionReport,
+                                 RefusalReport, RefusalSteeringParams)
+from server.config import load_deploy_file, parse_chorus_config
+from server.engines.base import GenerationRequest
+from server.errors import FailedPrecondition, Unimplemented
+from server.service import API_STRATEGIES, report_proto, to_strategy
+from server.strategies import registry
+
+GROUP = load_deploy_file(Path(__file__).resolve().parents[1] / "deploy" / "local.yaml").chorus.groups["smollm2"]
+PLANS = {"contrastive": ContrastivePlan, "logit_fusion": LogitFusionPlan, "refusal_steering": RefusalPlan}
+REPORTS = {
+    "contrastive": ContrastiveReport(mode="cd", guide="exit8", steps=3, contrasted_steps=2),
+    "logit_fusion": LogitFusionReport(mode="dynamic", small_base="self", experts=("concise",), steps=2,
+                                      mean_weights=(0.5,), step_weights=[(1.0,), (0.0,)]),
+    "refusal_steering": RefusalReport(action="refuse", category="sorry", probabilities={"sorry": 0.7},
+                                      respond_probability=0.3, forced_token_ids=(57, 58)),
+}
+
+
+def test_every_api_strategy_is_registered_or_unimplemented():
+    assert set(registry.REGISTRY) <= set(API_STRATEGIES)
+    for field in API_STRATEGIES:
+        if field in registry.REGISTRY:
+            assert registry.strategy(field).field == field
+        else:
+            with pytest.raises(Unimplemented, match=field):
+                registry.strategy(field)
+
+
+@pytest.mark.parametrize("field", ["entropy_switch", "best_of_n"])
+def test_an_unregistered_strategy_in_a_request_is_unimplemented(field):
+    request = pb.GenerateRequest(prompt="hi")
+    getattr(request, field).SetInParent()
+    with pytest.raises(Unimplemented, match=f"strategy {field!r}"):
+        to_strategy(request)
+
+
+@pytest.mark.parametrize("field", list(PLANS))
+def test_each_entry_converts_its_message_and_report(field):
+    request = pb.GenerateRequest(prompt="hi")
+    getattr(request, field).SetInParent()
+    params = to_strategy(request)
+    entry = registry.strategy(field)
+    assert type(params) is entry.params_type and registry.strategy_of(params) is entry
+    report = report_proto(field, REPORTS[field])
+    assert report.WhichOneof("report") == field
+    if field == "logit_fusion":
+        assert [list(w.alphas) for w in report.logit_fusion.steps] == [[1.0], [0.0]]
+    if field == "refusal_steering":
+        assert list(report.refusal_steering.forced_token_ids) == [57, 58]
+        assert report.refusal_steering.respond_probability == pytest.approx(0.3)
+
+
+def test_availability_of_a_bare_group_says_what_to_declare():
+    bare = parse_chorus_config({"models": {"m": {"path": "x"}}, "groups": {"g": {"base": "m"}}}).groups["g"]
+    reasons = registry.availability(bare)
+    assert set(reasons) == set(registry.REGISTRY)
+    assert "role 'amateur'" in reasons["contrastive"]
+    assert "role 'small_base'" in reasons["logit_fusion"]
+    assert "refusal tokens or prefixes" in reasons["refusal_steering"]
+    assert registry.availability(GROUP) == {field: None for field in registry.REGISTRY}
+
+
+@pytest.mark.parametrize("field, params", [("contrastive", ContrastiveParams()),
+                                           ("logit_fusion", LogitFusionParams()),
+                                           ("refusal_steering", RefusalSteeringParams())])
+def test_each_entry_resolves_to_its_own_plan_and_the_spec_pickles(field, params, tokenizer):
+    resolver = registry.PlanResolver(GROUP, tokenizer, 512)
+    request = GenerationRequest(request_id="r", sampling=SamplingParams(max_tokens=4),
+                                messages=(ChatMessage("user", "hi"),), strategy=params)
+    spec = resolver.resolve(request, tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                   add_generation_prompt=True, tokenize=True))
+    assert spec.plan is PLANS[field]
+    assert type(pickle.loads(pickle.dumps(spec)).build()) is PLANS[field]
+
+
+def test_a_plan_refuses_another_strategys_params():
+    with pytest.raises(TypeError, match="ContrastivePlan runs ContrastiveParams, not LogitFusionParams"):
+        PlanSpec(plan=ContrastivePlan, params=LogitFusionParams()).build()
+
+
+def test_a_strategy_the_group_cannot_serve_is_failed_precondition(tokenizer):
+    bare = parse_chorus_config({"models": {"m": {"path": "x"}}, "groups": {"g": {"base": "m"}}}).groups["g"]
+    resolver = registry.PlanResolver(bare, tokenizer, 512)
+    request = GenerationRequest(request_id="r", sampling=SamplingParams(max_tokens=4), prompt="hi",
+                                strategy=ContrastiveParams())
+    with pytest.raises(FailedPrecondition, match="role 'amateur'"):
+        resolver.resolve(request, [1, 2])
