@@ -60,8 +60,7 @@ class Plan(abc.ABC):
             raise TypeError(f"{type(self).__name__} runs {self.params_type.__name__}, "
                             f"not {type(spec.params).__name__}")
         self.spec = spec
-        self._forced: tuple[int, ...] = ()  # tokens imposed at positions 0, 1, ...
-        self._records: dict[int, object] = {}  # position → what the step decided, for the report
+        self._records: dict[int, object] = {}  # position → what the step decided: the report is made of these
 
     @abc.abstractmethod
     def fuse(self, base: torch.Tensor, streams: torch.Tensor, position: int) -> tuple[torch.Tensor, object]:
@@ -79,9 +78,19 @@ class Plan(abc.ABC):
     def records(self) -> list:
         return [self._records[p] for p in sorted(self._records)]
 
+    def record(self, position: int) -> object:
+        """What the step at `position` decided (small: a flag, a weight vector, a refusal decision)."""
+        return self._records[position]
+
+    def replay(self, records: dict[int, object]) -> "Plan":
+        """This plan as if it had fused the steps that decided `records` (position → record): a plan rebuilt from
+        its spec in another process gives the same report from the records alone."""
+        self._records = dict(records)
+        return self
+
     def forced_token(self, position: int) -> int | None:
         """A token the plan imposes instead of sampling at this position (refusal steering), or None."""
-        return self._forced[position] if position < len(self._forced) else None
+        return None
 
     def forcing(self, scores: torch.Tensor, position: int) -> torch.Tensor:
         """`scores`, or, where the plan imposes a token at `position`, 0 on that token and −inf elsewhere (for a
@@ -158,21 +167,25 @@ class RefusalPlan(Plan):
     """No extra streams: at the first step the refusal decision forces or bans the reply's first tokens."""
     params_type = RefusalSteeringParams
 
-    def __init__(self, spec: PlanSpec):
-        super().__init__(spec)
-        self.decision: refusal.RefusalDecision | None = None
+    @property
+    def decision(self) -> refusal.RefusalDecision | None:
+        """The decision taken at position 0; None before it."""
+        return self._records.get(0)
 
     def fuse(self, base, streams, position):
-        """Record: none (the decision is taken once, at position 0)."""
+        """Record: the decision at position 0, None after it."""
         if position:
             return base, None
         params: RefusalSteeringParams = self.spec.params
-        self.decision = refusal.decide(base, self.spec.markers, params.decision)
-        self._forced = tuple(self.decision.forced)
-        if self.decision.banned:
+        decision = refusal.decide(base, self.spec.markers, params.decision)
+        if decision.banned:
             base = base.clone()
-            base[list(self.decision.banned)] = float("-inf")
-        return base, None
+            base[list(decision.banned)] = float("-inf")
+        return base, decision
+
+    def forced_token(self, position):
+        forced = self.decision.forced if self.decision is not None else ()
+        return forced[position] if position < len(forced) else None
 
     def report(self):
         d = self.decision

@@ -28,16 +28,13 @@ import time
 import uuid
 from typing import AsyncIterator
 
+from decoding.plans import PlanSpec
 from server.config import ChorusConfig, GroupSpec, ModelSpec
 from server.engines.base import Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, Usage
 from server.strategies.registry import PlanResolver, availability
 from server.engines.prompts import load_tokenizer, prompt_token_ids
-from server.errors import ChorusError, ConfigError, DeadlineExceeded, FailedPrecondition, ResourceExhausted
+from server.errors import ConfigError, DeadlineExceeded, FailedPrecondition, ResourceExhausted
 from server.models import resolve_model_path
-
-# How long a finished request waits for its last fusion report from the engine-core process.
-REPORT_TIMEOUT_S = 10.0
-
 
 def check_engine_args(spec: ModelSpec) -> None:
     """Refuses a vLLM model whose `vllm:` arguments vLLM does not know, or when vLLM is not installed."""
@@ -123,33 +120,32 @@ class VLLMEngine(Engine):
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return prompt_token_ids(self.tokenizer, request, self.max_model_len)
 
-    def _fusion_args(self, request: GenerationRequest, prompt_ids: list[int]) -> dict | None:
-        """extra_args carrying the request's plan to the fusion logits processor; None for plain requests."""
-        from server.engines.vllm_fusion import KEY_ARG, PLAN_ARG, encode_plan
-
+    def _plan(self, request: GenerationRequest, prompt_ids: list[int]) -> PlanSpec | None:
+        """The request's plan for the fusion logits processor; None for plain requests."""
         spec = self._resolver.resolve(request, prompt_ids)
-        if spec is None:
-            return None
-        for stream in spec.streams:
+        for stream in spec.streams if spec is not None else ():
             if stream.model is not None and stream.model not in self._guide_models:
                 raise FailedPrecondition(
                     f"on vLLM this strategy runs model {stream.model!r} as a guide on another context; declare a guide "
                     f"on model {stream.model!r} in the group's config so the fusion processor hosts a copy")
-        return {PLAN_ARG: encode_plan(spec), KEY_ARG: f"{request.request_id}-{uuid.uuid4().hex[:12]}"}
+        return spec
 
     async def generate(self, request: GenerationRequest, **vllm_extra) -> AsyncIterator[GenerationChunk]:
         """`vllm_extra`: vLLM sampling knobs for strategies, e.g. logit_bias={token_id: bias} (refusal steering)."""
-        from server.engines.vllm_fusion import KEY_ARG
+        from server.engines.vllm_fusion import KEY_ARG, PLAN_ARG, encode_plan
 
         prompt_ids = self.prompt_ids(request)
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
-        fusion = self._fusion_args(request, prompt_ids)
-        if fusion is not None:
-            vllm_extra["extra_args"] = {**vllm_extra.get("extra_args", {}), **fusion}
+        plan = self._plan(request, prompt_ids)
+        key = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
+        if plan is not None:
+            vllm_extra["extra_args"] = {**vllm_extra.get("extra_args", {}), PLAN_ARG: encode_plan(plan), KEY_ARG: key}
         params = self.sampling_params(request, seed, **vllm_extra)
         if self._in_flight >= self._max_in_flight:
             raise ResourceExhausted(f"{self._in_flight} requests in flight (max_batch_size + max_waiting)")
         self._in_flight += 1
+        if plan is not None:
+            self._reports.open(key)
         completion_tokens = 0
         stream = self._llm.generate({"prompt_token_ids": prompt_ids}, params, request_id=request.request_id)
         try:
@@ -162,10 +158,10 @@ class VLLMEngine(Engine):
                     if output.finished:
                         chunk.finish_reason = "length" if completion.finish_reason == "length" else "stop"
                         passes = collections.Counter({self._spec.name: completion_tokens})
-                        if fusion is not None:
-                            report = await self._fusion_report(fusion[KEY_ARG], completion_tokens)
-                            passes.update(report["forward_passes"])
-                            chunk.report = report["report"]
+                        if plan is not None:
+                            records = await self._reports.collect(key, completion_tokens)
+                            passes.update(records.forward_passes)
+                            chunk.report = records.report(plan)
                         chunk.usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                                             forward_passes=dict(passes))
                         chunk.seed = seed
@@ -174,16 +170,8 @@ class VLLMEngine(Engine):
             raise DeadlineExceeded(f"deadline passed after {completion_tokens} tokens") from None
         finally:
             self._in_flight -= 1
-            if fusion is not None:
-                self._reports.discard(fusion[KEY_ARG])
+            self._reports.discard(key)
             await stream.aclose()
-
-    async def _fusion_report(self, key: str, steps: int) -> dict:
-        report = await asyncio.to_thread(self._reports.wait, key, steps, REPORT_TIMEOUT_S)
-        if report is None:
-            raise ChorusError(f"the fusion logits processor sent no report for {steps} steps within "
-                              f"{REPORT_TIMEOUT_S:.0f} s (see the engine-core log)")
-        return report
 
     # ---- primitives for the strategies (best-of-N, reranking, judges, refusal steering) ----
 
@@ -222,3 +210,4 @@ class VLLMEngine(Engine):
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+        self._reports.close()

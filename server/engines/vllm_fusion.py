@@ -9,23 +9,24 @@ per-request bookkeeping:
     runner's request state. It cannot run on the CPU build: tests drive it with the interface's own dataclasses.
 Only requests whose `SamplingParams.extra_args` carry a plan (PLAN_ARG) are hosted; the others pass through untouched.
 
-The processors live in vLLM's engine-core process. Each fused step's report goes back to the engine (the AsyncLLM
-side) over a ZeroMQ PUSH socket (`ReportChannel`), keyed by the request's key (KEY_ARG).
+The processors live in vLLM's engine-core process. Each fused step's record goes back to the engine (the AsyncLLM
+side) over a ZeroMQ PUSH socket (`ReportChannel`), keyed by the request's key (KEY_ARG); the engine rebuilds the
+report from the records and the request's plan spec.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import pickle
 import tempfile
-import threading
 import uuid
 
 import torch
 
 from decoding.plans import PlanSpec
 from server.config import ModelSpec
-from server.lockstep.guide_host import GuideHost, ReportSink
+from server.lockstep.guide_host import GuideHost, ReportSink, StepRecords
 from server.lockstep.guides import ModelLoader
 from server.lockstep.runner import ModelRunner
 
@@ -182,42 +183,77 @@ def _zmq_sink(address: str) -> ReportSink:
     import zmq
 
     socket = zmq.Context.instance().socket(zmq.PUSH)
+    socket.setsockopt(zmq.LINGER, 0)  # an engine core that exits does not wait on undelivered records
     socket.connect(address)
-    return lambda key, report: socket.send_pyobj((key, report))
+    return lambda key, position, record, passes: socket.send_pyobj((key, position, record, passes))
 
 
 class ReportChannel:
-    """The engine's end of the report socket: keeps the latest report per request key."""
+    """The engine's end of the report socket: the step records of each hosted request, received on the engine's
+    event loop (zmq.asyncio, no thread of its own) from the moment a request is opened until it is discarded.
+
+    A processor sends each step's record before it hands the step's logits back to vLLM, so a request's records have
+    all been sent by the time its last token reaches the engine; `collect` waits for them to arrive (bounded by the
+    request's deadline, as the rest of the request is)."""
 
     def __init__(self):
         import zmq
+        import zmq.asyncio
 
         self.address = f"ipc://{tempfile.gettempdir()}/chorus-reports-{uuid.uuid4().hex}"
-        self._socket = zmq.Context.instance().socket(zmq.PULL)
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(self.address)
-        self._reports: dict[str, dict] = {}
-        self._changed = threading.Condition()
-        threading.Thread(target=self._receive, name="chorus-reports", daemon=True).start()
+        self._requests: dict[str, tuple[StepRecords, asyncio.Event]] = {}
+        self._receiver: asyncio.Task | None = None
 
-    def _receive(self) -> None:
+    def open(self, key: str) -> None:
+        """Starts keeping the records of `key` (records of keys not open are dropped)."""
+        self._requests[key] = (StepRecords(), asyncio.Event())
+        if self._receiver is None:
+            self._receiver = asyncio.get_running_loop().create_task(self._receive(), name="chorus-reports")
+
+    async def _receive(self) -> None:
         import zmq
 
-        while True:
-            try:
-                key, report = self._socket.recv_pyobj()
-            except zmq.ContextTerminated:
-                return
-            with self._changed:
-                self._reports[key] = report
-                self._changed.notify_all()
+        try:
+            while True:
+                key, position, record, passes = await self._socket.recv_pyobj()
+                entry = self._requests.get(key)
+                if entry is not None:
+                    entry[0].add(position, record, passes)
+                    entry[1].set()
+        except (asyncio.CancelledError, zmq.ZMQError):
+            return
 
-    def wait(self, key: str, steps: int, timeout: float) -> dict | None:
-        """The report of `key` once it covers `steps` steps; None if that takes longer than `timeout` seconds."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._reports.get(key, {}).get("steps", -1) >= steps, timeout)
-            report = self._reports.get(key)
-            return report if report is not None and report["steps"] >= steps else None
+    async def collect(self, key: str, steps: int) -> StepRecords:
+        """The records of `key` once they cover `steps` positions."""
+        records, arrived = self._requests[key]
+        while records.steps < steps:
+            arrived.clear()
+            await arrived.wait()
+        return records
 
     def discard(self, key: str) -> None:
-        with self._changed:
-            self._reports.pop(key, None)
+        self._requests.pop(key, None)
+
+    def close(self) -> None:
+        """Stops receiving and closes the socket (the engine shuts down), on the receiving loop when it runs."""
+        loop = self._receiver.get_loop() if self._receiver is not None else None
+        if loop is not None and loop.is_running() and not _running_in(loop):
+            loop.call_soon_threadsafe(self._stop)
+        else:
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._receiver is not None:
+            self._receiver.cancel()
+        self._context.destroy(linger=0)
+
+
+def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

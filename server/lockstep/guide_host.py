@@ -13,7 +13,8 @@ calls on a GuideHost, keyed by an opaque request key:
                                      report's records survive
 
 Only requests whose SamplingParams carry a plan are added, so plain requests pay nothing. After every fused step the
-request's report (steps, forward passes per model, strategy report) goes to `sink`.
+step's record goes to `sink` (one small message per step, whatever the request's length): the other side collects
+them in `StepRecords` and rebuilds the plan's report from its spec.
 """
 
 from __future__ import annotations
@@ -25,9 +26,30 @@ from typing import Callable, Sequence
 import torch
 
 from decoding.plans import Plan, PlanSpec
+from decoding.strategies import Report
 from server.lockstep.runner import ModelRunner, Slot, decode_streams
 
-ReportSink = Callable[[str, dict], None]
+ReportSink = Callable[[str, int, object, dict], None]
+"""(request key, position, the plan's record of that step, the request's forward passes per guide model so far)."""
+
+
+@dataclasses.dataclass
+class StepRecords:
+    """What a sink received for one request: the plan's record per fused position (a position fused again replaces
+    its record) and the latest forward-pass counts of its guide models."""
+    records: dict[int, object] = dataclasses.field(default_factory=dict)
+    forward_passes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, position: int, record: object, forward_passes: dict[str, int]) -> None:
+        self.records[position] = record
+        self.forward_passes = forward_passes
+
+    @property
+    def steps(self) -> int:
+        return len(self.records)
+
+    def report(self, spec: PlanSpec) -> Report:
+        return spec.build().replay(self.records).report()
 
 
 @dataclasses.dataclass(eq=False)
@@ -119,8 +141,7 @@ class GuideHost:
             scores = request.plan.forcing(scores, position)
             logits[row, :vocab] = scores.to(logits.dtype)
             logits[row, vocab:] = float("-inf")
-            self._sink(key, {"steps": request.plan.steps, "report": request.plan.report(),
-                             "forward_passes": dict(request.forward_passes)})
+            self._sink(key, position, request.plan.record(position), dict(request.forward_passes))
 
     @staticmethod
     def _guide_streams(request: _Request) -> list[tuple[str, Slot]]:
