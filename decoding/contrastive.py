@@ -1,5 +1,6 @@
 """The contrastive decoding family (ALGORITHMS.md section 1): scores [B, V] in float32, −inf = excluded; the next
-token is argmax(scores) or a sample from softmax(scores / T_out).
+token is argmax(scores) or a sample from softmax(scores / T_out). Rows fuse independently; every knob (α, β, τ_a,
+λ, η, w_s, w_l, γ) is a float for all rows or a [B] tensor, one value per row.
 
 Contrastive decoding, O'Brien & Lewis β formulation (Li et al. 2023 is β → ∞ with the amateur temperature τ_a):
 

@@ -7,6 +7,10 @@ request together, one batched forward per model, and hand each request's rows to
     scores = plan.step(base_logits [V], stream_logits [S, V], position)   # float32; -inf = excluded
     token  = plan.forced_token(position) or sample(scores / T_out)
 
+For a batch of requests whose plans share a class, `Plan.step_rows(plans, base [B, V], streams, positions)` gives
+the same rows and records; contrastive and logit-fusion plans fuse all rows of one mode in one call of the math,
+with the requests' knobs as per-row tensors.
+
 `position` is the number of tokens generated so far. A step repeated at the same position (vLLM fuses the rows of
 partial prefills, then discards their tokens) replaces that position's record, so reports count each generated
 token once.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from typing import Callable, Hashable, Sequence
 
 import torch
 
@@ -70,6 +75,45 @@ class Plan(abc.ABC):
         scores, self._records[position] = self.fuse(base, streams, position)
         return scores
 
+    @classmethod
+    def step_rows(cls, plans: "Sequence[Plan]", base: torch.Tensor, streams: Sequence[torch.Tensor],
+                  positions: Sequence[int]) -> torch.Tensor:
+        """Batched `step` for plans of this class: row i equals plans[i].step(base[i], streams[i], positions[i])
+        (and records each plan's step exactly as `step` does). base: [B, V] float32; streams[i]: [S_i, V]."""
+        return torch.stack([plan.step(base[i], streams[i], positions[i]) for i, plan in enumerate(plans)])
+
+    @classmethod
+    def _step_groups(cls, plans: Sequence["Plan"], base: torch.Tensor, streams: Sequence[torch.Tensor],
+                     positions: Sequence[int], key: Callable[["Plan"], Hashable],
+                     fuse_rows: Callable[[list, torch.Tensor, torch.Tensor], tuple[torch.Tensor, list]]
+                     ) -> torch.Tensor:
+        """`step_rows` with one call of `fuse_rows(plans, base [G, V], streams [S, G, V]) -> (scores [G, V], one
+        record per plan)` per group of rows whose plans share `key(plan)` (rows of one group have the same S)."""
+        for plan in plans:
+            if not isinstance(plan, cls):
+                raise TypeError(f"{cls.__name__}.step_rows got a {type(plan).__name__}")
+        if len(plans) != len(base) or len(plans) != len(streams) or len(plans) != len(positions):
+            raise ValueError(f"{len(plans)} plans for {len(base)} base rows, {len(streams)} stream sets and "
+                             f"{len(positions)} positions")
+        groups: dict[Hashable, list[int]] = {}
+        for i, plan in enumerate(plans):
+            groups.setdefault(key(plan), []).append(i)
+        scores = None
+        for rows in groups.values():
+            group = [plans[i] for i in rows]
+            stacked = torch.stack([streams[i] for i in rows], dim=1)  # [S, G, V]
+            if len(rows) == len(plans):  # one group: every row, in order
+                scores, records = fuse_rows(group, base, stacked)
+            else:
+                index = torch.tensor(rows, device=base.device)
+                fused, records = fuse_rows(group, base[index], stacked)
+                if scores is None:
+                    scores = torch.empty(base.shape, dtype=fused.dtype, device=base.device)
+                scores[index] = fused
+            for i, record in zip(rows, records):
+                plans[i]._records[positions[i]] = record
+        return scores if scores is not None else base.float().clone()
+
     @property
     def steps(self) -> int:
         """Positions fused so far."""
@@ -106,6 +150,11 @@ class Plan(abc.ABC):
     def report(self) -> Report: ...
 
 
+def _knobs(like: torch.Tensor, rows: list[tuple[float, ...]]) -> tuple[torch.Tensor, ...]:
+    """Per-row knobs, one tuple per row, as one [B] float32 tensor per knob on `like`'s device (one copy)."""
+    return tuple(torch.tensor(rows, dtype=torch.float32).to(like.device).T)
+
+
 class ContrastivePlan(Plan):
     """cd: streams [amateur on the prompt]; uscd: [base on the lame prompt]; steer: [B on the prompt, base on the
     negative context]."""
@@ -126,6 +175,25 @@ class ContrastivePlan(Plan):
                                                          p.uscd_eta, p.standard_weight, p.lame_weight)
             return scores[0], bool(contrasted[0])
         return contrastive.steer_scores(base[None], streams[0:1], streams[1:2], p.gamma, p.eta)[0], True
+
+    @classmethod
+    def step_rows(cls, plans, base, streams, positions):
+        """One call of the math per mode, the knobs as per-row tensors."""
+        return cls._step_groups(plans, base, streams, positions, lambda plan: plan.params.mode, cls._fuse_rows)
+
+    @staticmethod
+    def _fuse_rows(plans: list["ContrastivePlan"], base: torch.Tensor, streams: torch.Tensor):
+        mode, params = plans[0].params.mode, [plan.params for plan in plans]
+        if mode == "cd":
+            knobs = _knobs(base, [(p.alpha, p.beta, p.amateur_temperature) for p in params])
+            return contrastive.contrastive_scores(base, streams[0], *knobs), [True] * len(plans)
+        if mode == "uscd":
+            knobs = _knobs(base, [(p.uncertainty_threshold, p.uscd_eta, p.standard_weight, p.lame_weight)
+                                  for p in params])
+            scores, contrasted = contrastive.uscd_scores(base, streams[0], *knobs)
+            return scores, contrasted.tolist()
+        knobs = _knobs(base, [(p.gamma, p.eta) for p in params])
+        return contrastive.steer_scores(base, streams[0], streams[1], *knobs), [True] * len(plans)
 
     def report(self):
         return ContrastiveReport(mode=self.params.mode, guide=self.spec.guide, steps=self.steps,
@@ -154,6 +222,27 @@ class LogitFusionPlan(Plan):
             scores, chosen = logit_fusion.dynamic_fusion(base[None], small, experts, self._grid)
             scores, weights = scores[0], chosen[0]
         return scores, tuple(float(w) for w in weights)
+
+    @classmethod
+    def step_rows(cls, plans, base, streams, positions):
+        """One call of the math per mode and number of experts: static α as [B, T]; the dynamic grids as [B, K],
+        padded with NaN where the rows' grids differ in length (every row then searches max K candidates' worth)."""
+        return cls._step_groups(plans, base, streams, positions,
+                                lambda plan: (plan.params.mode, len(plan.spec.streams)), cls._fuse_rows)
+
+    @staticmethod
+    def _fuse_rows(plans: list["LogitFusionPlan"], base: torch.Tensor, streams: torch.Tensor):
+        small, experts = streams[0], streams[1:]
+        if plans[0].params.mode == "static":
+            alphas = torch.stack([plan._alphas for plan in plans]).to(base.device)  # [B, T]
+            records = [tuple(float(w) for w in plan._alphas) for plan in plans]
+            return logit_fusion.static_fusion(base, small, experts, alphas), records
+        points = max(len(plan._grid) for plan in plans)
+        grids = torch.full((len(plans), points), float("nan"))
+        for row, plan in enumerate(plans):
+            grids[row, :len(plan._grid)] = plan._grid
+        scores, chosen = logit_fusion.dynamic_fusion(base, small, experts, grids.to(base.device))
+        return scores, [tuple(weights) for weights in chosen.tolist()]
 
     def report(self):
         weights = self.records()
