@@ -114,6 +114,17 @@ class Plan(abc.ABC):
                 plans[i]._records[positions[i]] = record
         return scores if scores is not None else base.float().clone()
 
+    def needs_base(self, position: int) -> bool:
+        """Whether the step at `position` reads the base model's logits. A plan that lets another model write some
+        positions says no there: the engine then skips the base's forward for this request, and the base catches up
+        on the skipped tokens (one multi-token extend, its KV cache kept) at the next position that needs it."""
+        return True
+
+    def streams_at(self, position: int) -> tuple[int, ...]:
+        """The indices of the extra streams the step at `position` reads (the rows `fuse` gets, in this order).
+        The others are not stepped there and catch up later like the base."""
+        return tuple(range(len(self.spec.streams)))
+
     @property
     def steps(self) -> int:
         """Positions fused so far."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 
 import torch
 
@@ -59,6 +60,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def request_seed(self) -> int:
+        """The seed of the request's generator: the one asked for, else a fresh random one (reported back)."""
+        return self.seed if self.seed is not None else secrets.randbits(63)
 
 
 def _filtered_scores(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,

@@ -82,6 +82,9 @@ class GroupSpec:
     max_batch_size: int = 16
     # Requests queued beyond max_batch_size before RESOURCE_EXHAUSTED.
     max_waiting: int = 256
+    # Transformers engine: tokens one step may feed per model, decode rows first, the rest for newcomers' prompt
+    # chunks (prefilled together, a long prompt over several steps). Must exceed max_batch_size.
+    max_step_tokens: int = 256
     # torch intra-op threads per replica; None: torch's default.
     torch_threads: int | None = None
     # Guides by name (GuideSpec): the models token-level strategies fuse with the base.
@@ -170,6 +173,9 @@ def parse_chorus_config(args: dict) -> ChorusConfig:
         bases[group.base] = group.name
         if group.max_batch_size < 1 or group.max_waiting < 0:
             raise ConfigError(f"{where}: max_batch_size must be >= 1 and max_waiting >= 0")
+        if group.max_step_tokens <= group.max_batch_size:
+            raise ConfigError(f"{where}.max_step_tokens: must exceed max_batch_size ({group.max_batch_size}) so a "
+                              f"step always has room for prompt tokens, got {group.max_step_tokens}")
         for guide in group.guides.values():
             _check_guide(where, guide, models, group.base)
     for spec in models.values():

@@ -12,7 +12,7 @@ from decoding.plans import ContrastivePlan, LogitFusionPlan, PlanSpec, RefusalPl
 from decoding.refusal import RefusalMarkers, RefusalParams
 from decoding.strategies import ContrastiveParams, LogitFusionParams, RefusalSteeringParams
 from server.engines.vllm_fusion import ReportChannel, _zmq_sink
-from server.lockstep.guide_host import StepRecords
+from server.lockstep.host import StepRecords
 
 V = 12
 MARKERS = RefusalMarkers(categories={"sorry": ((3, 4),)}, respond_id=None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from decoding.chat import ChatMessage
 from decoding.sampling import SamplingParams
@@ -74,6 +74,26 @@ class Engine(abc.ABC):
 
         Closing the iterator early (client gone, deadline) aborts the request's work in the engine.
         """
+
+    # ---- whole-sequence building blocks for request-level strategies (best-of-N, judges, reranking) ----
+    # Each runs under the request's deadline (DeadlineExceeded) and is aborted when its caller is cancelled; each is
+    # counted in `load`, and concurrent calls are batched by the engine.
+
+    @abc.abstractmethod
+    async def sample_n(self, request: GenerationRequest, n: int) -> list[GenerationChunk]:
+        """n completions of one prompt sharing one prefill of it. Each chunk is one whole completion (text, token
+        ids, finish_reason, usage of that sample, seed). With `request.sampling.seed` set, the n samples are the same
+        whatever else shares the batch."""
+
+    @abc.abstractmethod
+    async def score(self, request: GenerationRequest, candidate_ids: Sequence[int]) -> list[float]:
+        """Exact log-probabilities (log-softmax of the full next-token distribution) of `candidate_ids` after the
+        request's prompt: one forward of the prompt (listwise reranking identifiers, judge verdict tokens)."""
+
+    @abc.abstractmethod
+    async def loglik(self, request: GenerationRequest, continuation: Sequence[int]) -> list[float]:
+        """Per-token log-probabilities of `continuation` after the request's prompt (teacher-forced): their sum is
+        the continuation's log-likelihood."""
 
     @abc.abstractmethod
     def strategy_support(self) -> dict[str, str | None]:

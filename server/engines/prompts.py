@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 from decoding.errors import InvalidArgument
 from server.engines.base import GenerationRequest
@@ -29,14 +30,27 @@ def render_prompt(tokenizer, request: GenerationRequest) -> list[int]:
     return tokenizer.encode(request.prompt)
 
 
-def prompt_token_ids(tokenizer, request: GenerationRequest, max_model_len: int) -> list[int]:
-    """The prompt's token ids, refused when empty or when prompt + max_tokens does not fit the context."""
+def prompt_token_ids(tokenizer, request: GenerationRequest, max_model_len: int, reserve: int | None = None
+                     ) -> list[int]:
+    """The prompt's token ids, refused when empty or when prompt + `reserve` tokens (default: max_tokens) does not
+    fit the context."""
     ids = render_prompt(tokenizer, request)
     if not ids:
         raise InvalidArgument("prompt", "renders to zero tokens")
-    if len(ids) + request.sampling.max_tokens > max_model_len:
-        raise InvalidArgument(
-            "sampling.max_tokens",
-            f"prompt ({len(ids)} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds the model's "
-            f"context of {max_model_len} tokens")
+    reserve = request.sampling.max_tokens if reserve is None else reserve
+    if len(ids) + reserve > max_model_len:
+        field = "sampling.max_tokens" if reserve == request.sampling.max_tokens else "prompt"
+        raise InvalidArgument(field, f"prompt ({len(ids)} tokens) + {reserve} tokens to come exceeds the model's "
+                                     f"context of {max_model_len} tokens")
+    return ids
+
+
+def check_token_ids(field: str, ids: Sequence[int], vocab_size: int) -> list[int]:
+    """Token ids a caller hands in (candidates to score, a continuation): non-empty, inside the vocabulary."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise InvalidArgument(field, "give at least one token id")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise InvalidArgument(field, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
     return ids

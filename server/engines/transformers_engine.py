@@ -1,13 +1,16 @@
 """Transformers engine: continuous batching at step granularity over slot KV caches, lock-step across models.
 
-One engine thread owns the base model and its guides (one ModelRunner, i.e. one slot KV cache, per model). A request
-is one sequence on the base model plus, for a token-level strategy, the extra streams of its plan (a guide on the
-prompt, the base on a lame/negative context, in-context experts), each in its own slot. Each iteration the thread
+One engine thread owns the base model and its guides (one ModelRunner, i.e. one slot KV cache, per model) in a
+LockstepHost (server/lockstep/host.py, the same host vLLM's fusion processor uses for the guides). A request is one
+base stream (the base model on its prompt) plus, for a token-level strategy, the extra streams of its plan (a guide
+on the prompt, the base on a lame/negative context, in-context experts), each in its own slot. Each iteration the
+thread
   1. drops cancelled and expired sequences (their slots free at once),
   2. admits waiting requests while every model they need has free slots: one prefill forward per stream, which also
      yields their first token,
-  3. runs one batched decode forward per model for all live streams of all requests, hands each request's rows to
-     its plan (fusion math, decoding/plans.py) and samples one token per request from the fused scores,
+  3. steps the host: one batched decode forward per model for all live streams of all requests, each request's plan
+     fusing its rows (decoding/plans.py); samples one token per request from the fused scores (a token a plan forces
+     is the only one its scores allow),
   4. streams each sequence's new text (incremental detokenization, stop strings) to its caller.
 Requests join and leave between steps; nobody waits for a batch to drain. Callers live on asyncio loops (the
 Ray Serve replica's); the thread hands chunks to them with `call_soon_threadsafe`.
@@ -19,28 +22,32 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import queue
-import secrets
 import threading
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 import torch
 
-from decoding.plans import Plan
+from decoding.errors import InvalidArgument
+from decoding.plans import PlanSpec
 from decoding.sampling import SamplingParams, make_generator, sample
 from decoding.text import IncrementalDetokenizer, StopStringMatcher
 from server.config import ChorusConfig, GroupSpec, ModelSpec
 from server.engines.base import (Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, Usage)
 from server.lockstep.guides import ModelLoader
 from server.strategies.registry import PlanResolver, availability
-from server.engines.prompts import load_tokenizer, prompt_token_ids
-from server.lockstep.runner import ModelRunner, Slot, decode_streams
+from server.engines.prompts import check_token_ids, load_tokenizer, prompt_token_ids
+from server.lockstep.host import LockstepHost
+from server.lockstep.runner import ModelRunner
 from server.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable
 from server.models import resolve_model_path
 
 log = logging.getLogger(__name__)
+# Score/loglik jobs batched into one forward read at most this many next-token distributions (rows × kept positions).
+JOB_ROWS = 1024
 
 def stop_token_ids(tokenizer, model_config, generation_config) -> frozenset[int]:
     ids = set()
@@ -51,6 +58,20 @@ def stop_token_ids(tokenizer, model_config, generation_config) -> frozenset[int]
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
+
+
+async def _whole_completion(events: asyncio.Queue, seed: int) -> GenerationChunk:
+    """One sequence's chunks joined into one (its last chunk's finish reason and usage), reporting `seed`."""
+    text, token_ids = [], []
+    while True:
+        event = await events.get()
+        if isinstance(event, BaseException):
+            raise event
+        text.append(event.text)
+        token_ids.extend(event.token_ids)
+        if event.finish_reason is not None:
+            return GenerationChunk(text="".join(text), token_ids=token_ids, finish_reason=event.finish_reason,
+                                   usage=event.usage, seed=seed)
 
 
 def _deliverer(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[object], None]:
@@ -65,6 +86,7 @@ def _deliverer(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callab
 
 @dataclasses.dataclass(eq=False)
 class _Sequence:
+    key: str  # in the host
     request: GenerationRequest
     prompt_ids: list[int]
     seed: int
@@ -72,16 +94,43 @@ class _Sequence:
     detokenizer: IncrementalDetokenizer
     stops: StopStringMatcher
     deliver: Callable[[object], None]
-    plan: Plan | None = None
-    # (model name, context ids) of every stream: the base on the prompt first, then the plan's extra streams.
-    contexts: list[tuple[str, list[int]]] = dataclasses.field(default_factory=list)
-    # One slot per entry of `contexts` while the sequence is live.
-    slots: list[Slot] = dataclasses.field(default_factory=list)
-    # Plan stream i → its row in this sequence's per-step logits (0 = the base's own, reused).
-    stream_rows: list[int] = dataclasses.field(default_factory=list)
+    plan: PlanSpec | None
+    slots: collections.Counter  # KV slots per model it takes while live
+    # sample_n: the other samples, admitted with this one, each a fork of its prefilled prompt (one prefill for all).
+    forks: list["_Sequence"] = dataclasses.field(default_factory=list)
     generated: list[int] = dataclasses.field(default_factory=list)
-    forward_passes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    live: bool = False  # in the host, holding its slots (prefilling, then decoding)
+    decoding: bool = False  # prefilled: samples a token every step
     done: bool = False
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
+
+    @property
+    def family(self) -> list["_Sequence"]:
+        return [self, *self.forks]
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """One forward over a prompt, no sampling: log-probs of `tokens` after it (score) or along it (loglik)."""
+    request: GenerationRequest
+    prompt_ids: list[int]
+    tokens: list[int]
+    kind: str  # "score" | "loglik"
+    deliver: Callable[[object], None]
+    done: bool = False
+
+    @property
+    def sequence(self) -> list[int]:
+        """What the forward reads: the prompt, and for loglik the continuation but its last token."""
+        return self.prompt_ids if self.kind == "score" else self.prompt_ids + self.tokens[:-1]
+
+    @property
+    def keep(self) -> int:
+        """How many last positions' next-token distributions the job reads."""
+        return 1 if self.kind == "score" else len(self.tokens)
 
     @property
     def sampling(self) -> SamplingParams:
@@ -101,8 +150,11 @@ class TransformersEngine(Engine):
         self._lock = threading.Lock()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._live: list[_Sequence] = []
+        self._jobs: list[_Job] = []
+        self._prefilling: dict[str, _Sequence] = {}  # admitted, prompt not yet fed whole (by host key)
         self._pending = 0  # submitted, not yet admitted (inbox + waiting), for admission control
         self._stopping = False
+        self._keys = itertools.count()
         # Every torch computation, loading included, runs on the engine thread. A second thread running torch ops
         # gets a second OpenMP team; with more OpenMP threads than cores libgomp stops spinning and each of a
         # forward's parallel regions waits on a futex wake-up: a decode step measured 20-30% slower.
@@ -129,11 +181,12 @@ class TransformersEngine(Engine):
         self.max_model_len = model.max_model_len or min(hf_model.config.max_position_embeddings, 4096)
         self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len)
         # One runner (slot KV cache) per model: the base, and each distinct guide model. A stream takes one slot.
-        self._runners = {name: ModelRunner(hf_model if name == model.name else loader.load(name),
-                                           vocab_size=len(self.tokenizer), max_slots=group.max_batch_size,
-                                           max_len=self.max_model_len)
-                         for name in dict.fromkeys([model.name, *group.guide_models])}
-        self._runner = self._runners[model.name]
+        runners = {name: ModelRunner(hf_model if name == model.name else loader.load(name),
+                                     vocab_size=len(self.tokenizer), max_slots=group.max_batch_size,
+                                     max_len=self.max_model_len)
+                   for name in dict.fromkeys([model.name, *group.guide_models])}
+        self._device = runners[model.name].device
+        self._host = LockstepHost(runners, len(self.tokenizer), base_model=model.name)
 
     # ---- the caller's side (asyncio) ----
 
@@ -148,39 +201,35 @@ class TransformersEngine(Engine):
         with self._lock:
             return EngineLoad(running=len(self._live), waiting=self._pending)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        sampling = request.sampling
-        prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len)
-        plan_spec = self._resolver.resolve(request, prompt_ids)
-        contexts = [(self._spec.name, prompt_ids)]
-        stream_rows = []
-        for stream in plan_spec.streams if plan_spec else ():
-            if stream.model is None:
-                stream_rows.append(0)
-            else:
-                contexts.append((stream.model, list(stream.ids)))
-                stream_rows.append(len(contexts) - 1)
-        for name, need in collections.Counter(name for name, _ in contexts).items():
-            if need > self._runners[name].cache.num_slots:
-                raise FailedPrecondition(f"this strategy needs {need} KV-cache slots on model {name!r}; the group's "
-                                         f"max_batch_size is {self._runners[name].cache.num_slots}")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-        sequence = _Sequence(
-            request=request, prompt_ids=prompt_ids, seed=seed,
-            generator=None if sampling.greedy else make_generator(seed, self._runner.device),
+    def _sequence(self, request: GenerationRequest, prompt_ids: list[int], plan: PlanSpec | None, seed: int,
+                  events: asyncio.Queue) -> _Sequence:
+        slots = self._host.slots_needed(plan, with_base=True)
+        why = self._host.unservable(slots)
+        if why:
+            raise FailedPrecondition(why)
+        return _Sequence(
+            key=f"{request.request_id}-{next(self._keys)}", request=request, prompt_ids=prompt_ids, seed=seed,
+            generator=None if request.sampling.greedy else make_generator(seed, self._device),
             detokenizer=IncrementalDetokenizer(self.tokenizer.backend_tokenizer, prompt_ids),
-            stops=StopStringMatcher(sampling.stop),
-            deliver=_deliverer(loop, events),
-            plan=plan_spec.build() if plan_spec else None, contexts=contexts, stream_rows=stream_rows)
+            stops=StopStringMatcher(request.sampling.stop),
+            deliver=_deliverer(asyncio.get_running_loop(), events), plan=plan, slots=slots)
+
+    def _submit(self, item: _Sequence | _Job) -> None:
+        """Queues work for the engine thread: UNAVAILABLE while shutting down, RESOURCE_EXHAUSTED when full."""
         with self._lock:
             if self._stopping:
                 raise Unavailable("the engine is shutting down")
             if self._pending >= self._max_waiting:
                 raise ResourceExhausted(f"{self._pending} requests are waiting (max_waiting = {self._max_waiting})")
             self._pending += 1
-        self._inbox.put(sequence)
+        self._inbox.put(item)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len)
+        plan = self._resolver.resolve(request, prompt_ids)
+        events: asyncio.Queue = asyncio.Queue()
+        sequence = self._sequence(request, prompt_ids, plan, request.sampling.request_seed(), events)
+        self._submit(sequence)
         finished = False
         try:
             while True:
@@ -196,9 +245,56 @@ class TransformersEngine(Engine):
             if not finished:
                 self._cancel(sequence)
 
-    def _cancel(self, sequence: _Sequence) -> None:
+    async def sample_n(self, request: GenerationRequest, n: int) -> list[GenerationChunk]:
+        """n sequences admitted together: the first prefills the prompt, the others fork its KV row (a copy, no
+        forward). Sample i draws from its own generator seeded with seed + i."""
+        if n < 1:
+            raise InvalidArgument("n", f"must be >= 1, got {n}")
+        if request.strategy is not None:
+            raise InvalidArgument("strategy", "sample_n draws plain samples; it takes no token-level strategy")
+        prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len)
+        seed = request.sampling.request_seed()
+        queues = [asyncio.Queue() for _ in range(n)]
+        family = [self._sequence(request, prompt_ids, None, (seed + i) % 2**63, queue)
+                  for i, queue in enumerate(queues)]
+        family[0].forks = family[1:]
+        family[0].slots = sum((s.slots for s in family), collections.Counter())
+        why = self._host.unservable(family[0].slots)
+        if why:
+            raise FailedPrecondition(f"sample_n with n = {n}: {why}")
+        self._submit(family[0])
+        try:
+            return [await _whole_completion(queue, seed) for queue in queues]
+        finally:
+            self._cancel(family[0])  # no-op once all finished
+
+    async def score(self, request: GenerationRequest, candidate_ids: Sequence[int]) -> list[float]:
+        candidates = check_token_ids("candidate_ids", candidate_ids, len(self.tokenizer))
+        prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len, reserve=1)
+        return await self._run_job(request, prompt_ids, candidates, "score")
+
+    async def loglik(self, request: GenerationRequest, continuation: Sequence[int]) -> list[float]:
+        continuation = check_token_ids("continuation", continuation, len(self.tokenizer))
+        prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len, reserve=len(continuation))
+        return await self._run_job(request, prompt_ids, continuation, "loglik")
+
+    async def _run_job(self, request: GenerationRequest, prompt_ids: list[int], tokens: list[int], kind: str
+                       ) -> list[float]:
+        events: asyncio.Queue = asyncio.Queue()
+        job = _Job(request=request, prompt_ids=prompt_ids, tokens=tokens, kind=kind,
+                   deliver=_deliverer(asyncio.get_running_loop(), events))
+        self._submit(job)
+        try:
+            result = await events.get()
+        finally:
+            self._cancel(job)  # no-op once it ran
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _cancel(self, item: _Sequence | _Job) -> None:
         with self._lock:
-            self._cancelled.add(sequence)
+            self._cancelled.add(item)
         self._inbox.put(None)  # wake the thread if it is idle
 
     def shutdown(self) -> None:
@@ -218,14 +314,14 @@ class TransformersEngine(Engine):
         loaded.set_result(None)
         try:
             while True:
-                self._drain_inbox(block=not self._live and not self._waiting)
+                self._drain_inbox(block=not self._live and not self._waiting and not self._jobs)
                 if self._stopping:
                     self._fail_all(Unavailable("the engine shut down"))
                     return
                 self._drop_cancelled_and_expired()
                 self._admit()
-                if self._live:
-                    self._decode_step()
+                self._run_jobs()
+                self._step()
         except Exception as error:  # a bug or a device failure: fail every request loudly, never hang them
             log.exception("engine thread failed")
             self._fail_all(Unavailable(f"engine failure: {error!r}"))
@@ -234,7 +330,9 @@ class TransformersEngine(Engine):
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
             while True:
-                if item is not None:
+                if isinstance(item, _Job):
+                    self._jobs.append(item)
+                elif item is not None:
                     self._waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
@@ -244,60 +342,75 @@ class TransformersEngine(Engine):
         now = time.time()
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
-        for seq in list(self._waiting) + list(self._live):
-            deadline = seq.request.deadline
-            if seq in cancelled:
-                self._retire(seq)
+        for item in [*self._waiting, *self._live, *self._jobs]:
+            if item.done:  # a sample_n fork retired with its family below
+                continue
+            deadline = item.request.deadline
+            family = item.family if isinstance(item, _Sequence) else [item]
+            if item in cancelled:
+                for member in family:
+                    self._retire(member)
             elif deadline is not None and now >= deadline:
-                self._retire(seq)
-                seq.deliver(DeadlineExceeded(f"deadline passed after {len(seq.generated)} tokens"))
-
-    def _fits(self, seq: _Sequence) -> bool:
-        need = collections.Counter(name for name, _ in seq.contexts)
-        return all(self._runners[name].free_slots >= n for name, n in need.items())
+                for member in family:
+                    done = f"after {len(member.generated)} tokens" if isinstance(member, _Sequence) else "before it ran"
+                    self._retire(member)
+                    member.deliver(DeadlineExceeded(f"deadline passed {done}"))
 
     def _admit(self) -> None:
-        while self._waiting and self._fits(self._waiting[0]):
-            seq = self._waiting.popleft()
+        """Admits waiting sequences in order while their slots are free; their prompts (and their plans' contexts)
+        are prefilled in chunks by the following steps."""
+        while self._waiting and self._host.fits(self._waiting[0].slots):
+            leader = self._waiting.popleft()
             with self._lock:
                 self._pending -= 1
-            self._live.append(seq)
-            rows = []
-            for name, ids in seq.contexts:
-                slot = self._runners[name].open()
-                seq.slots.append(slot)
-                rows.append(self._runners[name].extend(slot, ids))
-                seq.forward_passes[name] += 1
-            scores = self._fuse(seq, torch.stack(rows))
-            self._accept(seq, self._choose(scores.unsqueeze(0), [seq])[0])
+            self._host.add(leader.key, leader.plan, base_context=leader.prompt_ids, prefill_now=False)
+            leader.live = True
+            self._live.append(leader)
+            self._prefilling[leader.key] = leader
 
-    def _decode_step(self) -> None:
-        live = self._live
-        streams = []
-        for seq in live:
-            for (name, _), slot in zip(seq.contexts, seq.slots):
-                streams.append((name, slot, seq.generated[-1]))
-                seq.forward_passes[name] += 1
-        rows = iter(decode_streams(self._runners, streams))
-        scores = torch.stack([self._fuse(seq, torch.stack([next(rows) for _ in seq.slots])) for seq in live])
-        for seq, token in zip(list(live), self._choose(scores, live)):
-            self._accept(seq, token)
+    def _run_jobs(self) -> None:
+        """Score and loglik jobs, in arrival order, batched into forwards of at most JOB_ROWS distributions."""
+        while self._jobs:
+            batch, width = [], 0
+            for job in self._jobs:
+                if batch and max(width, job.keep) * (len(batch) + 1) > JOB_ROWS:
+                    break
+                batch.append(job)
+                width = max(width, job.keep)
+            log_probs = self._host.runners[self._spec.name].tail_log_probs([job.sequence for job in batch], width)
+            for job, row in zip(batch, log_probs):
+                self._retire(job)
+                if job.kind == "score":
+                    job.deliver(row[-1, job.tokens].tolist())
+                else:
+                    tail = row[-job.keep:]
+                    job.deliver(tail.gather(1, torch.tensor(job.tokens, device=tail.device)[:, None])[:, 0].tolist())
 
-    @staticmethod
-    def _fuse(seq: _Sequence, rows: torch.Tensor) -> torch.Tensor:
-        """The sequence's next-token scores from its streams' logits rows (row 0: the base on the prompt)."""
-        if seq.plan is None:
-            return rows[0]
-        return seq.plan.step(rows[0], rows[seq.stream_rows], len(seq.generated))
+    def _step(self) -> None:
+        """One step within the token budget: a token for every decoding sequence (one row each), and the rest of
+        the budget for prompt chunks of the prefilling ones; a sequence whose prefill completes samples its first
+        token in the same step (with a sample_n family's forks, copies of its prefilled KV rows)."""
+        decoding = [seq for seq in self._live if seq.decoding]
+        ready = []
+        if self._prefilling:
+            for key in self._host.prefill(self._group.max_step_tokens - len(decoding)):
+                leader = self._prefilling.pop(key)
+                for fork in leader.forks:
+                    self._host.fork(leader.key, fork.key)
+                    fork.live = True
+                    self._live.append(fork)
+                ready += leader.family
+        for seq in ready:
+            seq.decoding = True
+        if decoding or ready:
+            self._sample(decoding + ready)
 
-    @staticmethod
-    def _choose(scores: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+    def _sample(self, seqs: list[_Sequence]) -> None:
+        """One token for each of `seqs` from its fused scores after its generated tokens."""
+        scores = self._host.step([(seq.key, seq.generated) for seq in seqs])
         tokens = sample(scores, [s.sampling for s in seqs], [s.generator for s in seqs]).tolist()
-        for i, seq in enumerate(seqs):
-            forced = seq.plan.forced_token(len(seq.generated)) if seq.plan else None
-            if forced is not None:
-                tokens[i] = forced
-        return tokens
+        for seq, token in zip(seqs, tokens):
+            self._accept(seq, token)
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         seq.generated.append(token)
@@ -313,25 +426,37 @@ class TransformersEngine(Engine):
 
     def _finish(self, seq: _Sequence, reason: str, text: str, token_ids: list[int]) -> None:
         usage = Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.generated),
-                      forward_passes=dict(seq.forward_passes))
+                      forward_passes=self._host.forward_passes(seq.key))
+        plan = self._host.plan(seq.key)
         self._retire(seq)
         seq.deliver(GenerationChunk(text=text, token_ids=token_ids, finish_reason=reason, usage=usage,
-                                    seed=seq.seed, report=seq.plan.report() if seq.plan else None))
+                                    seed=seq.seed, report=plan.report() if plan else None))
 
-    def _retire(self, seq: _Sequence) -> None:
-        if seq.done:
+    def _retire(self, item: _Sequence | _Job) -> None:
+        """Drops finished, cancelled or expired work (a live sequence's slots free at once)."""
+        if item.done:
             return
-        seq.done = True
-        if seq.slots:
-            for (name, _), slot in zip(seq.contexts, seq.slots):
-                self._runners[name].close(slot)
-            self._live.remove(seq)
-        else:
-            self._waiting.remove(seq)
-            with self._lock:
-                self._pending -= 1
+        item.done = True
+        if isinstance(item, _Job):
+            self._jobs.remove(item)
+        elif item.live:
+            self._host.remove(item.key, park=False)
+            self._live.remove(item)
+            self._prefilling.pop(item.key, None)
+            return
+        elif item in self._waiting:  # its sample_n forks were never admitted
+            self._waiting.remove(item)
+        else:  # a sample_n fork whose family is retired before its prefill completed: nothing holds it
+            return
+        with self._lock:
+            self._pending -= 1
 
     def _fail_all(self, error: Exception) -> None:
-        for seq in list(self._waiting) + list(self._live):
-            self._retire(seq)
-            seq.deliver(error)
+        for item in [*self._waiting, *self._live, *self._jobs]:
+            if item.done:
+                continue
+            # A sequence not yet decoding answers for its sample_n forks, which nothing else holds yet.
+            members = [item] if isinstance(item, _Job) or item.decoding else item.family
+            for member in members:
+                self._retire(member)
+                member.deliver(error)

@@ -23,16 +23,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import secrets
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from decoding.plans import PlanSpec
 from server.config import ChorusConfig, GroupSpec, ModelSpec
 from server.engines.base import Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, Usage
 from server.strategies.registry import PlanResolver, availability
-from server.engines.prompts import load_tokenizer, prompt_token_ids
+from server.engines.prompts import check_token_ids, load_tokenizer, prompt_token_ids
 from server.errors import ConfigError, DeadlineExceeded, FailedPrecondition, ResourceExhausted
 from server.models import resolve_model_path
 
@@ -46,6 +45,11 @@ def check_engine_args(spec: ModelSpec) -> None:
     unknown = sorted(set(spec.vllm) - {f.name for f in dataclasses.fields(AsyncEngineArgs)})
     if unknown:
         raise ConfigError(f"models.{spec.name}.vllm: unknown engine argument(s) {unknown}")
+
+
+def _finish_reason(completion) -> str:
+    """Ours from a vLLM CompletionOutput's: "length" at max_tokens, else "stop" (EOS or a stop string)."""
+    return "length" if completion.finish_reason == "length" else "stop"
 
 
 def guide_slots(group: GroupSpec, max_num_seqs: int) -> dict[str, int]:
@@ -135,7 +139,7 @@ class VLLMEngine(Engine):
         from server.engines.vllm_fusion import KEY_ARG, PLAN_ARG, encode_plan
 
         prompt_ids = self.prompt_ids(request)
-        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+        seed = request.sampling.request_seed()
         plan = self._plan(request, prompt_ids)
         key = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
         if plan is not None:
@@ -156,7 +160,7 @@ class VLLMEngine(Engine):
                     completion_tokens += len(completion.token_ids)
                     chunk = GenerationChunk(text=completion.text, token_ids=list(completion.token_ids))
                     if output.finished:
-                        chunk.finish_reason = "length" if completion.finish_reason == "length" else "stop"
+                        chunk.finish_reason = _finish_reason(completion)
                         passes = collections.Counter({self._spec.name: completion_tokens})
                         if plan is not None:
                             records = await self._reports.collect(key, completion_tokens)
@@ -173,40 +177,64 @@ class VLLMEngine(Engine):
             self._reports.discard(key)
             await stream.aclose()
 
-    # ---- primitives for the strategies (best-of-N, reranking, judges, refusal steering) ----
+    # ---- whole-sequence building blocks (Engine) ----
+
+    async def _final_output(self, request: GenerationRequest, prompt_ids: list[int], params):
+        """vLLM's final output for one request: counted in `load`, under the request's deadline; cancelling the
+        caller aborts the vLLM request (closing AsyncLLM's stream aborts it)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        if self._in_flight >= self._max_in_flight:
+            raise ResourceExhausted(f"{self._in_flight} requests in flight (max_batch_size + max_waiting)")
+        self._in_flight += 1
+        stream = self._llm.generate({"prompt_token_ids": prompt_ids}, params,
+                                    request_id=f"{request.request_id}-{uuid.uuid4().hex[:8]}")
+        final = None
+        try:
+            timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
+            async with asyncio.timeout(timeout):
+                async for output in stream:
+                    final = output
+        except TimeoutError:
+            raise DeadlineExceeded("deadline passed") from None
+        finally:
+            self._in_flight -= 1
+            await stream.aclose()
+        return final
 
     async def sample_n(self, request: GenerationRequest, n: int) -> list[GenerationChunk]:
-        """n completions of one prompt in one vLLM request: the prompt is prefilled once and its KV blocks are
-        shared by the n samples. Each returned chunk holds one whole completion."""
-        from vllm.sampling_params import RequestOutputKind
-
+        """n completions in one vLLM request (`n`): the prompt is prefilled once and its KV blocks are shared."""
         prompt_ids = self.prompt_ids(request)
-        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
-        params = self.sampling_params(request, seed, n=n)
-        params.output_kind = RequestOutputKind.FINAL_ONLY
-        final = None
-        async for output in self._llm.generate({"prompt_token_ids": prompt_ids}, params,
-                                               request_id=request.request_id):
-            final = output
-        return [GenerationChunk(text=c.text, token_ids=list(c.token_ids),
-                                finish_reason="length" if c.finish_reason == "length" else "stop", seed=seed)
+        seed = request.sampling.request_seed()
+        final = await self._final_output(request, prompt_ids, self.sampling_params(request, seed, n=n))
+        return [GenerationChunk(text=c.text, token_ids=list(c.token_ids), finish_reason=_finish_reason(c),
+                                usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(c.token_ids),
+                                            forward_passes={self._spec.name: len(c.token_ids)}), seed=seed)
                 for c in sorted(final.outputs, key=lambda c: c.index)]
 
-    async def next_token_logprobs(self, request: GenerationRequest, token_ids: list[int]) -> dict[int, float]:
-        """Exact log-probabilities (log-softmax of the raw logits) of the given next-token ids after the prompt:
-        vLLM's `logprob_token_ids`, not a top-k list, so an id outside the top-k still gets its value."""
+    async def score(self, request: GenerationRequest, candidate_ids: Sequence[int]) -> list[float]:
+        """vLLM's `logprob_token_ids` (raw log-softmax, not a top-k list: an id outside the top-k still gets its
+        value), at most `max_logprobs` ids."""
         from vllm import SamplingParams as VLLMSamplingParams
-        from vllm.sampling_params import RequestOutputKind
 
-        prompt_ids = self.prompt_ids(request)
-        params = VLLMSamplingParams(max_tokens=1, temperature=0, logprob_token_ids=list(token_ids),
-                                    output_kind=RequestOutputKind.FINAL_ONLY)
-        final = None
-        async for output in self._llm.generate({"prompt_token_ids": prompt_ids}, params,
-                                               request_id=request.request_id):
-            final = output
+        candidates = check_token_ids("candidate_ids", candidate_ids, len(self.tokenizer))
+        prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len, reserve=1)
+        final = await self._final_output(request, prompt_ids, VLLMSamplingParams(
+            max_tokens=1, temperature=0, logprob_token_ids=candidates))
         step = final.outputs[0].logprobs[0]
-        return {token: step[token].logprob for token in token_ids}
+        return [step[token].logprob for token in candidates]
+
+    async def loglik(self, request: GenerationRequest, continuation: Sequence[int]) -> list[float]:
+        """vLLM's prompt log-probs (`prompt_logprobs=0`: each prompt token's own) over prompt + continuation."""
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        continuation = check_token_ids("continuation", continuation, len(self.tokenizer))
+        prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len, reserve=len(continuation) + 1)
+        final = await self._final_output(request, prompt_ids + continuation, VLLMSamplingParams(
+            max_tokens=1, temperature=0, prompt_logprobs=0))
+        rows = final.prompt_logprobs[len(prompt_ids):]
+        return [row[token].logprob for row, token in zip(rows, continuation)]
 
     def shutdown(self) -> None:
         self._llm.shutdown()

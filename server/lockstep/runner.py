@@ -60,6 +60,32 @@ class ModelRunner:
             self.live[slot.index] = last
         slot.index = -1
 
+    def fork(self, slot: Slot) -> Slot:
+        """A new slot holding a copy of `slot`'s cached tokens (no forward)."""
+        copy = self.open()
+        self.cache.move(slot.index, copy.index, slot.length)
+        copy.length = slot.length
+        return copy
+
+    @torch.inference_mode()
+    def tail_log_probs(self, sequences: list[list[int]], keep: int) -> torch.Tensor:
+        """Log-softmax of the next-token logits at the last `keep` positions of each sequence: [B, keep, V] float32
+        (row b, j: the distribution after sequences[b][:len - keep + j + 1]). One batched forward, left-padded,
+        without the slot cache (scoring reads a prompt once and keeps nothing)."""
+        if max(len(s) for s in sequences) > self.max_len:
+            raise ValueError(f"a sequence is over the model's {self.max_len} tokens")
+        width = max(len(s) for s in sequences)
+        ids = torch.zeros((len(sequences), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, sequence in enumerate(sequences):
+            ids[row, width - len(sequence):] = torch.tensor(sequence, device=self.device)
+            mask[row, width - len(sequence):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                         logits_to_keep=keep)
+        self.forward_passes += 1
+        return out.logits[:, -keep:, :self.vocab_size].float().log_softmax(-1)
+
     @torch.inference_mode()
     def extend(self, slot: Slot, token_ids: list[int]) -> torch.Tensor:
         """Appends tokens to one sequence (prefill, or catch-up) and returns next-token logits [V] in float32."""
@@ -74,6 +100,34 @@ class ModelRunner:
         logits = self._forward(ids, mask, positions)
         slot.length += count
         return logits[0]
+
+    @torch.inference_mode()
+    def extend_many(self, slots: list[Slot], token_lists: list[list[int]]) -> torch.Tensor:
+        """Appends tokens to several sequences in one forward (prefill chunks of newcomers); returns each one's
+        next-token logits [len(slots), V] in float32.
+
+        The rows are ragged. Each row's tokens sit at the end of the block (so the block's last column is every
+        row's last token and only it reaches the head), at their own positions; the row's padding columns get the
+        positions right after its tokens: they write into cache cells past the row's length, which no real token
+        attends to (a query at position p sees keys <= p) and later tokens overwrite."""
+        width = max(len(tokens) for tokens in token_lists)
+        ids = torch.zeros((len(slots), width), dtype=torch.long, device=self.device)
+        positions = torch.empty((len(slots), width), dtype=torch.long, device=self.device)
+        for row, (slot, tokens) in enumerate(zip(slots, token_lists)):
+            count = len(tokens)
+            if slot.length + count > self.max_len:
+                raise ValueError(f"sequence would reach {slot.length + count} tokens, over the cache's {self.max_len}")
+            ids[row, width - count:] = torch.tensor(tokens, device=self.device)
+            positions[row, width - count:] = torch.arange(slot.length, slot.length + count, device=self.device)
+            pads = torch.arange(slot.length + count, slot.length + width, device=self.device)[:width - count]
+            positions[row, :width - count] = pads.clamp(max=self.max_len - 1)
+        keys = torch.arange(int(positions.max()) + 1, device=self.device)
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
+        self.cache.plan_decode(torch.tensor([s.index for s in slots], device=self.device), positions)
+        logits = self._forward(ids, mask, positions)
+        for slot, tokens in zip(slots, token_lists):
+            slot.length += len(tokens)
+        return logits
 
     @torch.inference_mode()
     def decode(self, slots: list[Slot], token_ids: list[int]) -> torch.Tensor:
