@@ -110,7 +110,7 @@ class FusionLogitsProcessor(_V1Base):
             plan = _plan_of(params) if self._host is not None else None
             if plan is not None:
                 key, spec = plan
-                self._host.add(key, spec, output_ids)
+                self._host.add(key, spec, generated=output_ids)
                 self._rows[index] = (key, output_ids)
         for a, b, direction in batch_update.moved:
             row_a, row_b = self._rows.pop(a, None), self._rows.pop(b, None)
@@ -163,7 +163,7 @@ class FusionLogitsProcessorV2(_V2Base):
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
         for slot, (key, spec) in self._joining.items():
-            self._host.add(key, spec, self._generated(slot))
+            self._host.add(key, spec, generated=self._generated(slot))
             self._slots[slot] = key
         self._joining.clear()
         rows = []
