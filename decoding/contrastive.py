@@ -1,4 +1,4 @@
-"""The contrastive decoding family (ALGORITHMS.md section 1): scores [B, V] in float32, −inf = excluded; the next
+"""The contrastive decoding family (Li et al. 2023; O'Brien & Lewis 2023; USCD; STEER): scores [B, V] in float32, −inf = excluded; the next
 token is argmax(scores) or a sample from softmax(scores / T_out). Rows fuse independently; every knob (α, β, τ_a,
 λ, η, w_s, w_l, γ) is a float for all rows or a [B] tensor, one value per row.
 
@@ -8,7 +8,7 @@ Contrastive decoding, O'Brien & Lewis β formulation (Li et al. 2023 is β → �
     cd(v) = −inf                                                    elsewhere
 
 Log-probabilities instead of raw logits change each term by a per-row constant only, so the distribution is the
-same (ALGORITHMS.md 0.1); they keep the cutoff log α + max log p_e well scaled. β = 0 gives the masked expert.
+same (softmax is shift-invariant); they keep the cutoff log α + max log p_e well scaled. β = 0 gives the masked expert.
 Example (α = 0.1, β = 0.5): z_e = [2, 1.8, −1], z_a = [3, 0, 0] → softmax(cd) ≈ [0.2315, 0.7685, 0].
 
 USCD (Wang et al. 2024), one model under the standard prompt (p_s) and the lame prompt (p_l):

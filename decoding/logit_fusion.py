@@ -1,7 +1,8 @@
-"""Logit fusion of a large model L with a small base S and small experts S_t (ALGORITHMS.md section 2).
+"""Logit fusion of a large model L with a small base S and small experts S_t (proxy-tuning, Liu et al. 2024; dynamic
+logit fusion, Fan et al. 2024).
 
 All models see the same token ids; logits are float32 over the shared vocabulary. With M = log_softmax(z) per model
-(a per-row shift of the logits, which changes no distribution, ALGORITHMS.md 0.1):
+(a per-row shift of the logits, which changes no distribution):
 
     P̃(α) = softmax(M_L + Σ_t α_t · (M_{S_t} − M_S))
 

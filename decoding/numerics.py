@@ -1,4 +1,4 @@
-"""Safe float32 arithmetic for fusing logits of several models (ALGORITHMS.md 0.3).
+"""Safe float32 arithmetic for fusing logits of several models: −inf for excluded tokens, never NaN.
 
     sanitize(z)        float32 copy; non-finite entries (−inf from a mask, NaN, +inf) become NEG, a large finite
                        negative, so linear combinations never produce NaN or a winning +inf

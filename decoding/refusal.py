@@ -1,4 +1,4 @@
-"""Refusal steering at the first reply token (ALGORITHMS.md section 4; Jain et al. 2025, refusal tokens).
+"""Refusal steering at the first reply token (Jain et al. 2025, refusal tokens).
 
 Markers: per refusal category c, token-id sequences — token mode: the category's single refusal token (a model trained
 with [refuse]/[respond]-style tokens); prefix mode: the ids of reply prefixes such as "I'm sorry" (any model; only

@@ -1,4 +1,5 @@
-"""The knobs of each token-level strategy as a request carries them, with the defaults of ALGORITHMS.md.
+"""The knobs of each token-level strategy as a request carries them, with the defaults of the papers (each
+module's docstring cites its paper).
 
 The math lives beside this module (contrastive.py, logit_fusion.py, refusal.py); these dataclasses are what a
 request asks for, validated here so that every engine refuses the same bad input with the same message.

@@ -2,7 +2,7 @@
 
 Why our own grpc.aio front end rather than Ray Serve's gRPC ingress (`gRPCOptions`): as of Ray 2.60 Serve's ingress
 has no standard `grpc.health.v1` service (Kubernetes gRPC probes, grpcurl), no TLS, no server interceptors (auth,
-tracing) and does not pass the client's deadline on to replicas (../shared/SERVING_NOTES.md, section A). Our front
+tracing) and does not pass the client's deadline on to replicas (Ray Serve 2.60's gRPCOptions). Our front
 end is a Serve deployment too, so the whole app is one Serve config (replicas, resources, autoscaling); it serves
 `chorus.v1.Decoding`, health and reflection on one port, turns the client's deadline into an engine deadline, and
 calls the group deployments through handles (about 1.5 ms a call on loopback here, vs ~10 ms through Serve's

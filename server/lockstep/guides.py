@@ -1,7 +1,7 @@
 """Loading a group's guide models beside its base, and the tokenizer check that makes fusing them meaningful.
 
 Token-level fusion adds logits of several models token id by token id, so every model of a group must map the same
-ids to the same strings, agree on the special tokens, and render chats alike (ALGORITHMS.md 0.2). `check_tokenizers`
+ids to the same strings, agree on the special tokens, and render chats alike. `check_tokenizers`
 enforces that when the server loads its config; a mismatch stops it with a message naming both models.
 """
 
