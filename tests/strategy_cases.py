@@ -1,12 +1,11 @@
-"""Shared by the engine tests of the token-level strategies: one request per strategy and mode, and a naive
-reference that recomputes every stream's full forward from scratch at each step (no KV cache, no batching).
+"""Shared by the engine tests of the token-level strategies: one request per strategy and mode, and the check of an
+engine's tokens and report against the independent reference (tests/independent_reference.py), which recomputes
+every stream's full forward without KV cache or batching and imports nothing from decoding/ or server/.
 
-`naive_greedy` is that reference literally (one full forward per stream per step: quadratic). `reference_choices`
-gets the same logits for every step at once, from one full causal forward per stream over its context and the
-tokens under test (a causal model's logits at step t see only the tokens before t), and replays the plan over them:
-the tokens under test are the reference's greedy tokens iff each is the reference's choice after the ones before
-it. It is what the engine tests use (32 tokens × 3 prompts × 9 cases on both engines); a test checks that it
-agrees with `naive_greedy`."""
+Each case is plain data (the strategy's knobs that differ from the defaults): the engines get it as the request's
+strategy params, the reference reads it with the papers' defaults. The engine tests compare against the
+reference's teacher-forced replay (32 tokens × 3 prompts × every case on both engines); a test checks that it
+agrees with the literal step-by-step recompute."""
 
 from __future__ import annotations
 
@@ -15,40 +14,62 @@ import dataclasses
 import functools
 from pathlib import Path
 
-import torch
+import pytest
 
 from decoding.refusal import RefusalParams
 from decoding.sampling import SamplingParams
 from decoding.strategies import ContrastiveParams, Context, LogitFusionParams, RefusalSteeringParams
 from server.config import load_deploy_file
-from server.engines.base import ChatMessage, GenerationRequest
-from server.engines.guides import ModelLoader
-from server.engines.lockstep import PlanResolver
-from server.engines.prompts import load_tokenizer
-from server.models import resolve_model_path
+from decoding.chat import ChatMessage
+from server.engines.base import GenerationRequest
+from tests import independent_reference as reference
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_CONFIG = load_deploy_file(REPO / "deploy" / "local.yaml").chorus
 GROUP = LOCAL_CONFIG.groups["smollm2"]
 BASE = GROUP.base
+assert BASE == reference.BASE and list(GROUP.guides) == list(reference.GUIDES)
 
 QUESTIONS = ["What is the capital of France?", "Give me a tip for staying healthy.", "Describe a cat in one line."]
 STEPS = 32
 REFERENCE_MAX_LEN = 512
 
-STRATEGIES = {
-    "cd": ContrastiveParams(),
-    "cd-li": ContrastiveParams(beta=4.0, amateur_temperature=0.5),
-    "uscd": ContrastiveParams(mode="uscd", contrast_context=Context(
-        messages=(ChatMessage("user", "Answer."),))),
-    "steer": ContrastiveParams(mode="steer", guide="exit8", contrast_context=Context(
-        prompt="A cat sat on the mat. The sky is blue. Apples are red.")),
-    "fusion-dynamic": LogitFusionParams(),
-    "fusion-dynamic-one-expert": LogitFusionParams(experts=("concise",), report_weights=True),
-    "fusion-static": LogitFusionParams(mode="static", alphas=(0.5, 0.8)),
-    "refusal-threshold": RefusalSteeringParams(decision=RefusalParams(mode="threshold", threshold=0.0)),
-    "refusal-argmax": RefusalSteeringParams(),
+CASES = {
+    "cd": {"strategy": "contrastive"},
+    "cd-li": {"strategy": "contrastive", "beta": 4.0, "amateur_temperature": 0.5},
+    "uscd": {"strategy": "contrastive", "mode": "uscd",
+             "contrast_context": {"messages": ({"role": "user", "content": "Answer."},)}},
+    "steer": {"strategy": "contrastive", "mode": "steer", "guide": "exit8",
+              "contrast_context": {"prompt": "A cat sat on the mat. The sky is blue. Apples are red."}},
+    # Per-step weights reported: with large = small here, a = 1 on either expert gives equal losses, which the
+    # engines' float32 search may break either way (the reference takes the engine's α where it ties).
+    "fusion-dynamic": {"strategy": "logit_fusion", "report_weights": True},
+    "fusion-dynamic-one-expert": {"strategy": "logit_fusion", "experts": ("concise",), "report_weights": True},
+    # Experts named out of their declaration order, one α each: α follows the expert it is given with.
+    "fusion-static": {"strategy": "logit_fusion", "mode": "static", "experts": ("french", "concise"),
+                      "alphas": (0.5, 0.8)},
+    # No α: proxy-tuning's 1.0 for every expert.
+    "fusion-static-default": {"strategy": "logit_fusion", "mode": "static"},
+    "refusal-threshold": {"strategy": "refusal_steering", "mode": "threshold", "threshold": 0.0},
+    "refusal-argmax": {"strategy": "refusal_steering"},
 }
+
+
+def strategy_params(case: dict):
+    """The engines' params for a case."""
+    knobs = {k: v for k, v in case.items() if k != "strategy"}
+    if case["strategy"] == "contrastive":
+        if "contrast_context" in knobs:
+            context = knobs.pop("contrast_context")
+            knobs["contrast_context"] = Context(prompt=context.get("prompt"), messages=tuple(
+                ChatMessage(m["role"], m["content"]) for m in context.get("messages", ())))
+        return ContrastiveParams(**knobs)
+    if case["strategy"] == "logit_fusion":
+        return LogitFusionParams(**knobs)
+    return RefusalSteeringParams(decision=RefusalParams(**knobs))
+
+
+STRATEGIES = {name: strategy_params(case) for name, case in CASES.items()}
 
 
 def request(name: str, question: str, steps: int = STEPS, **sampling) -> GenerationRequest:
@@ -58,73 +79,63 @@ def request(name: str, question: str, steps: int = STEPS, **sampling) -> Generat
         strategy=STRATEGIES[name])
 
 
-@torch.inference_mode()
-def naive_greedy(models: dict, tokenizer, req: GenerationRequest, max_model_len: int) -> list[int]:
-    """Greedy tokens of `req` recomputing each stream's whole context every step (the research-script way)."""
-    prompt_ids, spec = _resolve(tokenizer, req, max_model_len)
-    plan = spec.build()
-    vocab = len(tokenizer)
-    generated: list[int] = []
-
-    def last_logits(model_name, ids):
-        return models[model_name](torch.tensor([ids])).logits[0, -1, :vocab].float()
-
-    for position in range(req.sampling.max_tokens):
-        base = last_logits(BASE, prompt_ids + generated)
-        streams = [base if s.model is None else last_logits(s.model, list(s.ids) + generated) for s in spec.streams]
-        scores = plan.step(base, torch.stack(streams) if streams else base.new_empty((0, vocab)), position)
-        forced = plan.forced_token(position)
-        generated.append(forced if forced is not None else int(scores.argmax()))
-    return generated
-
-
-def _resolve(tokenizer, req: GenerationRequest, max_model_len: int):
-    text = tokenizer.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in req.messages], add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-    return prompt_ids, PlanResolver(GROUP, tokenizer, max_model_len).resolve(req, prompt_ids)
-
-
-@torch.inference_mode()
-def teacher_forced_choices(models: dict, tokenizer, req: GenerationRequest, tokens: list[int],
-                           max_model_len: int) -> list[int]:
-    """The reference's token at each step t given tokens[:t] (see the module docstring)."""
-    prompt_ids, spec = _resolve(tokenizer, req, max_model_len)
-    plan = spec.build()
-    vocab = len(tokenizer)
-
-    def every_step(model_name, ids):  # row t: next-token logits after ids + tokens[:t]
-        return models[model_name](torch.tensor([list(ids) + tokens[:-1]])).logits[0, len(ids) - 1:, :vocab].float()
-
-    base = every_step(BASE, prompt_ids)
-    streams = [base if s.model is None else every_step(s.model, s.ids) for s in spec.streams]
-    choices = []
-    for position in range(len(tokens)):
-        rows = torch.stack([s[position] for s in streams]) if streams else base.new_empty((0, vocab))
-        scores = plan.step(base[position], rows, position)
-        forced = plan.forced_token(position)
-        choices.append(forced if forced is not None else int(scores.argmax()))
-    return choices
-
-
 @functools.cache
-def _reference_models() -> tuple[dict, object]:
-    loader = ModelLoader(LOCAL_CONFIG.models)
-    models = {name: loader.load(name) for name in {BASE, *GROUP.guide_models}}
-    return models, load_tokenizer(resolve_model_path(LOCAL_CONFIG.models[BASE].path))
+def reference_trace(name: str, question: str, tokens: tuple[int, ...], weights: tuple | None = None
+                    ) -> reference.Trace:
+    """The independent reference's teacher-forced replay of case `name` over `tokens` (given the engine's dynamic
+    fusion weights per step, for near ties), cached for the session."""
+    return reference.teacher_forced(CASES[name], question, list(tokens), weights)
 
 
-@functools.cache
-def reference_choices(name: str, question: str, tokens: tuple[int, ...]) -> tuple[int, ...]:
-    """teacher_forced_choices of request(name, question) on the embedded weights, cached for the session."""
-    models, tokenizer = _reference_models()
-    return tuple(teacher_forced_choices(models, tokenizer, request(name, question, steps=len(tokens)), list(tokens),
-                                        REFERENCE_MAX_LEN))
+def reference_tokens(name: str, question: str, steps: int = STEPS, weights: tuple | None = None) -> list[int]:
+    """The independent reference's literal greedy tokens (every stream recomputed from scratch at every step)."""
+    return reference.literal_tokens(CASES[name], question, steps, weights).tokens
+
+
+def engine_weights(report) -> tuple | None:
+    """A dynamic fusion report's α per step (for the reference's near ties), else None."""
+    return tuple(tuple(w) for w in report.step_weights) if getattr(report, "step_weights", None) else None
 
 
 def first_difference(tokens, choices) -> str:
     step = next((i for i, (a, b) in enumerate(zip(tokens, choices)) if a != b), None)
     return "equal" if step is None else f"step {step}: engine {tokens[step]}, reference {choices[step]}"
+
+
+def assert_matches_reference(name: str, question: str, tokens: list[int], report, steps: int = STEPS) -> None:
+    """The engine's tokens are the reference's greedy tokens, and its report says what the reference decided."""
+    tokens = list(tokens)
+    assert len(tokens) == steps, (name, question, len(tokens))
+    assert report is not None
+    trace = reference_trace(name, question, tuple(tokens), engine_weights(report))
+    assert len(trace.tokens) == len(tokens)
+    assert tokens == trace.tokens, (name, question, first_difference(tokens, trace.tokens),
+                                    reference.tokenizer().decode(tokens))
+    case = CASES[name]
+    if case["strategy"] == "contrastive":
+        assert (report.mode, report.guide, report.steps) == (case.get("mode", "cd"), trace.guide, steps)
+        # USCD contrasts where the standard prompt's distribution is uncertain; a gate within float noise of λ
+        # may fall either way.
+        sure = sum(c and not b for c, b in zip(trace.contrasted, trace.borderline))
+        assert sure <= report.contrasted_steps <= sure + sum(trace.borderline), (report, trace.contrasted)
+    elif case["strategy"] == "logit_fusion":
+        assert (report.mode, report.small_base, report.experts, report.steps) == (
+            case.get("mode", "dynamic"), trace.guide, trace.experts, steps)
+        assert len(trace.weights) == steps
+        mean = [sum(column) / steps for column in zip(*trace.weights)]
+        assert list(report.mean_weights) == pytest.approx(mean, abs=1e-6), (report.mean_weights, trace.weights)
+        if case.get("report_weights"):
+            assert len(report.step_weights) == steps
+            assert [list(w) for w in report.step_weights] == [pytest.approx(w, abs=1e-6) for w in trace.weights]
+        else:
+            assert report.step_weights == []
+    else:
+        decided = trace.refusal
+        assert (report.action, report.category, report.forced_token_ids) == (
+            decided["action"], decided["category"], decided["forced"])
+        assert tuple(tokens[:len(decided["forced"])]) == decided["forced"]
+        assert report.probabilities == pytest.approx(decided["probabilities"], abs=1e-3)
+        assert report.respond_probability == pytest.approx(decided["respond_probability"], abs=1e-3)
 
 
 async def collect(engine, req: GenerationRequest):
@@ -143,17 +154,7 @@ async def run_mixed(engine):
     return dict(zip(cases, results[:len(cases)])), results[len(cases):]
 
 
-def assert_equal_to_reference(name: str, runs: dict, tokenizer) -> None:
+def assert_equal_to_reference(name: str, runs: dict) -> None:
     for question in QUESTIONS:
         tokens, last = runs[(name, question)]
-        choices = list(reference_choices(name, question, tuple(tokens)))
-        assert tokens == choices, (name, question, first_difference(tokens, choices), tokenizer.decode(tokens))
-        assert last.report is not None
-        # Each generated token is one step (vLLM's re-fused partial-prefill rows are not counted twice).
-        assert getattr(last.report, "steps", len(tokens)) == len(tokens)
-
-
-def reference_tokens(name: str, question: str) -> tuple[int, ...]:
-    """naive_greedy of request(name, question) (the literal, quadratic reference)."""
-    models, tokenizer = _reference_models()
-    return tuple(naive_greedy(models, tokenizer, request(name, question), REFERENCE_MAX_LEN))
+        assert_matches_reference(name, question, tokens, last.report)

@@ -1,6 +1,7 @@
 """The transformers engine in-process on the real SmolLM2 weights: batching, cancellation, deadlines, limits."""
 
 import asyncio
+import gc
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from decoding.chat import ChatMessage
 from server.engines.base import GenerationRequest
 from server.engines.transformers_engine import TransformersEngine
 from server.errors import DeadlineExceeded, ResourceExhausted
+from server.lockstep.runner import ModelRunner
 from tests.conftest import EMBEDDED
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is 2 + 2?",
@@ -88,24 +90,46 @@ def test_prompt_plus_max_tokens_over_context_is_invalid(engine):
     assert info.value.field == "sampling.max_tokens"
 
 
-def test_closing_the_stream_aborts_the_work(engine):
+def forward_passes() -> int:
+    """Forward passes run so far by every model runner in this process (their own counters): the engine's, on all
+    its models; the engines of other tests are shut down and run none."""
+    return sum(o.forward_passes for o in gc.get_objects() if isinstance(o, ModelRunner))
+
+
+def assert_stops_stepping(engine, since: int, in_flight: int) -> None:
+    """After a request left (`since` = the engine's forward passes then), the engine runs at most the `in_flight`
+    forwards it may have started before it noticed, goes idle and runs none: a request it kept stepping would
+    take a forward per token until its max_tokens."""
+    wait_until_idle(engine)
+    idle = forward_passes()
+    time.sleep(0.3)
+    assert forward_passes() == idle, "the engine steps with nothing running"
+    assert idle - since <= in_flight, f"{idle - since} forward passes after the request left"
+
+
+def test_closing_the_stream_stops_stepping_the_request(engine):
     async def read_two_then_leave():
         stream = engine.generate(chat(QUESTIONS[2], max_tokens=400, ignore_eos=True))
         await stream.__anext__()
         await stream.__anext__()
         await stream.aclose()
+        return forward_passes()
 
-    asyncio.run(read_two_then_leave())
-    wait_until_idle(engine)
+    assert_stops_stepping(engine, asyncio.run(read_two_then_leave()), in_flight=2)
 
 
-def test_deadline_aborts_the_work_and_raises(engine):
+def test_a_passed_deadline_raises_and_stops_stepping_the_request(engine):
     request = GenerationRequest(request_id="late", messages=(ChatMessage("user", "Count to one thousand."),),
                                 sampling=SamplingParams(max_tokens=400, ignore_eos=True),
                                 deadline=time.time() + 0.5)
-    with pytest.raises(DeadlineExceeded):
-        asyncio.run(collect(engine, request))
-    wait_until_idle(engine)
+
+    async def until_the_deadline():
+        with pytest.raises(DeadlineExceeded):
+            await collect(engine, request)
+        return forward_passes()
+
+    # The engine drops the sequence before it raises: not one more forward for it.
+    assert_stops_stepping(engine, asyncio.run(until_the_deadline()), in_flight=0)
     assert "Paris" in asyncio.run(collect(engine, chat(QUESTIONS[0], temperature=0, max_tokens=16)))[0]
 
 

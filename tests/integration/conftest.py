@@ -8,11 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
+from chorus.v1 import decoding_pb2 as pb
 from chorus.v1 import decoding_pb2_grpc as pb_grpc
 from server.health import wait_until_serving
 
@@ -30,8 +32,28 @@ def ray_processes() -> set[str]:
     return set(out.split())
 
 
+def process_table() -> dict[int, tuple[int, str]]:
+    """pid → (parent pid, command line) of every process on the machine."""
+    out = subprocess.run(["ps", "-e", "-ww", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = (line.split(None, 2) for line in out.splitlines())
+    return {int(row[0]): (int(row[1]), row[2] if len(row) > 2 else "") for row in rows}
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid → command line of every process below `pid` (Ray's raylet, GCS, agents and workers, for a server)."""
+    table, found, frontier = process_table(), {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, args) in table.items():
+            if ppid == parent and child not in found:
+                found[child] = args
+                frontier.append(child)
+    return found
+
+
 class Server:
     def __init__(self, config: str):
+        self.config = config
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = ROOT / ".pytest_cache" / f"server-{self.port}.log"
@@ -63,17 +85,24 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(request, model_path):
-    """One server per test module, for the deploy file the module names in CONFIG (default deploy/local.yaml)."""
+def server(request, model_path, tmp_path_factory):
+    """One server per test module, for the deploy file the module names in CONFIG (default deploy/local.yaml), or
+    the one CONFIG(folder) writes into a temporary folder and returns. A test may stop the server itself (it then
+    checks how it stopped); otherwise it is stopped here with SIGINT and must exit 0 and take Ray with it."""
+    config = getattr(request.module, "CONFIG", "deploy/local.yaml")
+    if callable(config):
+        config = config(tmp_path_factory.mktemp("deploy"))
     before = ray_processes()
-    server = Server(getattr(request.module, "CONFIG", "deploy/local.yaml"))
+    server = Server(config)
     try:
         server.wait_serving()
         yield server
     finally:
+        stopped_by_a_test = server.proc.poll() is not None
         code = server.stop()
-    assert code == 0, f"server exited with {code} on SIGINT:\n{server.log()[-3000:]}"
-    assert ray_processes() <= before, "Ray processes were left behind"
+    if not stopped_by_a_test:
+        assert code == 0, f"server exited with {code} on SIGINT:\n{server.log()[-3000:]}"
+        assert ray_processes() <= before, "Ray processes were left behind"
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +114,24 @@ def channel(server):
 @pytest.fixture(scope="module")
 def stub(channel):
     return pb_grpc.DecodingStub(channel)
+
+
+def status_of(call) -> grpc.StatusCode:
+    """The status code `call()` ends with (OK when it raises nothing)."""
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def wait_for_load(stub, expected: tuple[int, int] = (0, 0), timeout: float = 60) -> None:
+    """Polls ListModels until the default model's group has (running, waiting) requests as expected."""
+    deadline = time.monotonic() + timeout
+    while True:
+        base = stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]
+        seen = (base.running_requests, base.waiting_requests)
+        if seen == expected:
+            return
+        assert time.monotonic() < deadline, f"(running, waiting) is {seen}, expected {expected}"
+        time.sleep(0.1)

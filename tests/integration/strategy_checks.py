@@ -9,6 +9,8 @@ import grpc
 import pytest
 
 from chorus.v1 import decoding_pb2 as pb
+from server.config import load_deploy_file
+from tests.integration.conftest import ROOT, status_of, wait_for_load
 
 BASE = "smollm2-135m-instruct"
 QUESTION = "Give me a tip for staying healthy."
@@ -104,7 +106,11 @@ def test_neutral_knobs_reduce_to_plain_greedy(stub):
      "refusal_steering"),
     (dict(refusal_steering=pb.RefusalSteering(softmax_temperature=0.0)), grpc.StatusCode.INVALID_ARGUMENT,
      "refusal_steering.softmax_temperature"),
+    (dict(contrastive=pb.ContrastiveDecoding(mode=pb.ContrastiveDecoding.MODE_USCD, contrast_context=pb.Context(
+        prompt="Answer.", messages=[pb.ChatMessage(role="user", content="Answer.")]))),
+     grpc.StatusCode.INVALID_ARGUMENT, "contrastive.contrast_context"),
     (dict(entropy_switch=pb.EntropySwitch()), grpc.StatusCode.UNIMPLEMENTED, "strategy 'entropy_switch'"),
+    (dict(best_of_n=pb.BestOfN()), grpc.StatusCode.UNIMPLEMENTED, "strategy 'best_of_n'"),
 ])
 def test_bad_strategy_knobs_are_refused_with_a_usable_message(stub, fields, code, field):
     with pytest.raises(grpc.RpcError) as info:
@@ -122,3 +128,178 @@ def test_list_models_reports_strategies_and_guides(stub):
         assert not support[strategy].available and support[strategy].reason
     assert models["exit8"].role == "amateur" and models["concise"].role == "expert:concise"
     assert models["self"].role == "small_base"
+
+
+def test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only(strategy_runs, stub):
+    alone = strategy_runs[0]
+    messages = list(stub.GenerateStream(chat(**MODES["cd"]), timeout=300))
+    unary, last = alone["cd"], messages[-1]
+    assert len(messages) > 1
+    assert "".join(m.text for m in messages) == unary.text
+    assert [t for m in messages for t in m.token_ids] == list(unary.token_ids)
+    for m in messages[:-1]:
+        assert not (m.HasField("report") or m.HasField("usage") or m.seed or m.finish_reason), m
+    assert last.report == unary.report and last.finish_reason == unary.finish_reason
+    assert last.usage == unary.usage
+
+
+# Every strategy knob at a value other than its default, each where its effect is known without the model: the
+# same tokens as plain greedy (a knob that did not arrive would leave the default's contrast), other tokens, or the
+# report. Short completions, all requests at once.
+KNOB_TOKENS = 4
+C, F, R = pb.ContrastiveDecoding, pb.LogitFusion, pb.RefusalSteering
+PREFIXES = [pb.RefusalPrefix(category="apology", text="Sorry"), pb.RefusalPrefix(category="apology", text="I'm sorry"),
+            pb.RefusalPrefix(category="decline", text="Unfortunately")]
+KNOBS = {
+    "plain": {},
+    # alpha = 1 keeps only the base's argmax plausible.
+    "cd-alpha": dict(contrastive=C(alpha=1.0)),
+    # The base as its own amateur: (1+beta)·log p − beta·log softmax(z/0.5) = (1−beta)·z + c, so beta = 2 picks
+    # the least likely plausible token (beta = 0.5 or amateur_temperature = 1 would give plain greedy).
+    "cd-self": dict(contrastive=C(guide="self", beta=2.0, amateur_temperature=0.5)),
+    # No step is uncertain: plain greedy, nothing contrasted.
+    "uscd-threshold": dict(contrastive=C(mode=C.MODE_USCD, contrast_context=LAME, uncertainty_threshold=0.0)),
+    # The mixture is the base alone.
+    "uscd-lame-weight": dict(contrastive=C(mode=C.MODE_USCD, contrast_context=LAME, lame_weight=0.0)),
+    # Both weights doubled: the mixture scales, the choice stays the default's (strategy_runs' "uscd").
+    "uscd-weights": dict(contrastive=C(mode=C.MODE_USCD, contrast_context=LAME, standard_weight=2.0,
+                                       lame_weight=-1.4)),
+    # No token reaches uscd_eta / V: the standard argmax.
+    "uscd-eta": dict(contrastive=C(mode=C.MODE_USCD, contrast_context=LAME, uscd_eta=1e9)),
+    # eta = 0 drops the negative context; gamma = 0 the guide: plain greedy. gamma = 2 makes the guide count.
+    "steer-neutral": dict(contrastive=C(mode=C.MODE_STEER, contrast_context=NEGATIVE, guide="exit8", gamma=0.0,
+                                        eta=0.0)),
+    "steer-gamma": dict(contrastive=C(mode=C.MODE_STEER, contrast_context=NEGATIVE, guide="exit8", gamma=2.0,
+                                      eta=0.0)),
+    "fusion-grid": dict(logit_fusion=F(experts=["french", "concise"], grid_max=1.0, grid_step=0.5,
+                                       report_weights=True)),
+    # The small base is the base itself here: with every alpha 0 the fusion is the base.
+    "fusion-grid-zero": dict(logit_fusion=F(grid_max=0.0)),
+    "fusion-static": dict(logit_fusion=F(mode=F.MODE_STATIC, alphas=[0.5, 1.5], small_base="exit8")),
+    "refusal-thresholds": dict(refusal_steering=R(mode=R.MODE_THRESHOLD, threshold=2.0, thresholds={"refuse": 0.0})),
+    "refusal-biases": dict(refusal_steering=R(mode=R.MODE_LOGIT_BIAS, bias=-100.0, biases={"refuse": 100.0})),
+    "refusal-temperature": dict(refusal_steering=R(mode=R.MODE_THRESHOLD, threshold=2.0, thresholds={"refuse": 0.0},
+                                                   softmax_temperature=2.0)),
+    "refusal-apology": dict(refusal_steering=R(mode=R.MODE_THRESHOLD, threshold=0.0, refusal_prefixes=PREFIXES,
+                                               categories=["apology"])),
+    "refusal-decline": dict(refusal_steering=R(mode=R.MODE_THRESHOLD, threshold=0.0, refusal_prefixes=PREFIXES,
+                                               categories=["decline"])),
+}
+
+
+def knob_request(fields: dict) -> pb.GenerateRequest:
+    request = chat(**fields)
+    request.sampling.max_tokens = KNOB_TOKENS
+    return request
+
+
+def test_every_strategy_knob_at_a_non_default_value_is_accepted_and_takes_effect(strategy_runs, stub):
+    with ThreadPoolExecutor(len(KNOBS)) as pool:
+        runs = dict(zip(KNOBS, pool.map(lambda f: stub.Generate(knob_request(f), timeout=600), KNOBS.values())))
+    plain = runs["plain"].token_ids
+    tokens = {name: run.token_ids for name, run in runs.items()}
+    report = {name: getattr(run.report, run.report.WhichOneof("report") or "contrastive") for name, run in runs.items()}
+
+    for name in ("cd-alpha", "uscd-threshold", "uscd-lame-weight", "uscd-eta", "steer-neutral", "fusion-grid-zero"):
+        assert tokens[name] == plain, name
+    for name in ("cd-self", "steer-gamma"):
+        assert tokens[name] != plain, name
+    assert (report["cd-self"].guide, report["steer-neutral"].guide) == ("self", "exit8")
+    assert tokens["uscd-weights"] == strategy_runs[0]["uscd"].token_ids[:KNOB_TOKENS]
+    assert report["uscd-threshold"].contrasted_steps == 0
+    assert report["uscd-lame-weight"].contrasted_steps == report["uscd-lame-weight"].steps == KNOB_TOKENS
+
+    grid = report["fusion-grid"]
+    assert list(grid.experts) == ["french", "concise"] and len(grid.steps) == KNOB_TOKENS
+    assert {a for step in grid.steps for a in step.alphas} <= {0.0, 0.5, 1.0}
+    for i, mean in enumerate(grid.mean_weights):
+        assert mean == pytest.approx(sum(step.alphas[i] for step in grid.steps) / KNOB_TOKENS)
+    assert list(report["fusion-grid-zero"].mean_weights) == [0.0, 0.0] and not report["fusion-grid-zero"].steps
+    static = report["fusion-static"]
+    assert (static.mode, static.small_base, list(static.mean_weights)) == ("static", "exit8", [0.5, 1.5])
+
+    # The per-category value overrides the global one (which says the opposite).
+    for name in ("refusal-thresholds", "refusal-biases", "refusal-temperature"):
+        assert report[name].decision == "refuse", name
+        assert tokens[name][:len(report[name].forced_token_ids)] == report[name].forced_token_ids, name
+    refused = runs["refusal-thresholds"]
+    assert refused.text.startswith(("I'm sorry", "I cannot", "Sorry", "Unfortunately")), refused.text
+    # Prefix mode: P_respond = 1 − Σ P_c; a softmax temperature changes them all.
+    for name in ("refusal-thresholds", "refusal-temperature", "refusal-apology"):
+        assert report[name].respond_probability == pytest.approx(1 - sum(report[name].probabilities.values()),
+                                                                 abs=1e-5), name
+    assert report["refusal-temperature"].probabilities["refuse"] != \
+        pytest.approx(report["refusal-thresholds"].probabilities["refuse"], rel=1e-3)
+    # The request's prefixes replace the config's categories; only the controlled category may be refused, and the
+    # model is left alone when the most likely category is not controlled.
+    probabilities = report["refusal-apology"].probabilities
+    assert set(probabilities) == {"apology", "decline"}
+    top = max(probabilities, key=probabilities.get)
+    other = ({"apology", "decline"} - {top}).pop()
+    assert (report[f"refusal-{top}"].decision, report[f"refusal-{top}"].category) == ("refuse", top)
+    assert report[f"refusal-{other}"].decision == "none" and tokens[f"refusal-{other}"] == plain
+    assert runs[f"refusal-{top}"].text.startswith(("Sorry", "I'm sorry", "Unfortunately"))
+
+
+def test_cancelled_and_expired_strategy_requests_give_back_their_guide_slots(stub, server):
+    """A request of every strategy and mode is cancelled, then as many contrastive requests as the group has slots
+    expire; then as many contrastive requests as there are slots (each takes one on the base and one on the
+    amateur) must all run at once."""
+    config = load_deploy_file(ROOT / server.config).chorus
+    slots = next(g for g in config.groups.values() if g.base == config.default_model).max_batch_size
+
+    def long(fields: dict, **prompt) -> pb.GenerateRequest:
+        request = chat(**fields)
+        if prompt:  # a raw prompt of a few tokens: cheap prefills
+            request.ClearField("messages")
+            request.prompt = prompt["prompt"]
+        request.sampling.max_tokens = 900
+        return request
+
+    def first_token_then_cancel(stream) -> None:
+        next(stream)
+        stream.cancel()
+
+    # Cancelled while decoding, each as soon as it has its slots and its first token (the others queue meanwhile).
+    cancelled = [long(fields) for fields in MODES.values()]
+    with ThreadPoolExecutor(len(cancelled)) as pool:
+        list(pool.map(first_token_then_cancel, [stub.GenerateStream(r, timeout=300) for r in cancelled]))
+    # Expired while decoding or waiting.
+    with ThreadPoolExecutor(slots) as pool:
+        codes = list(pool.map(lambda r: status_of(lambda: stub.Generate(r, timeout=2)),
+                              [long(MODES["cd"], prompt=f"Count to {i}:") for i in range(slots)]))
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * slots
+    # Every slot is free again: `slots` long contrastive requests are all admitted (a first token each) together.
+    streams = [stub.GenerateStream(long(MODES["cd"], prompt=f"Count to {i}:"), timeout=120) for i in range(slots)]
+    try:
+        for stream in streams:
+            next(stream)
+    finally:
+        for stream in streams:
+            stream.cancel()
+    wait_for_load(stub)
+
+
+def test_list_models_describes_every_model_of_the_config(stub, server):
+    config = load_deploy_file(ROOT / server.config).chorus
+    wait_for_load(stub)
+    models = stub.ListModels(pb.ListModelsRequest(), timeout=30).models
+    expected = []
+    for group in config.groups.values():
+        base = config.models[group.base]
+        expected.append((base.name, "base", group.name, base.engine, base.device, base.dtype, base.max_model_len,
+                         base.name == config.default_model))
+        # A guide runs on transformers (on vLLM inside the fusion processor), with its own model's device and dtype.
+        expected += [(guide.name, ",".join(guide.roles), group.name, "transformers", config.models[guide.model].device,
+                      config.models[guide.model].dtype, base.max_model_len, False) for guide in group.guides.values()]
+    got = [(m.name, m.role, m.group, m.engine, m.device, m.dtype, m.max_model_len, m.is_default) for m in models]
+    assert got == expected
+    for m in models:
+        if m.role == "base":
+            assert (m.running_requests, m.waiting_requests) == (0, 0)
+            assert [s.strategy for s in m.strategies] == ["plain", "contrastive", "logit_fusion", "entropy_switch",
+                                                          "refusal_steering", "best_of_n", "rerank"]
+            for s in m.strategies:
+                assert s.available != bool(s.reason), s
+        else:
+            assert not m.strategies

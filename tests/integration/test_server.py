@@ -13,8 +13,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chorus.v1 import decoding_pb2 as pb
 from tests.integration.strategy_checks import (  # noqa: F401  (collected and run against this module's server)
-    strategy_runs, test_bad_strategy_knobs_are_refused_with_a_usable_message,
-    test_every_strategy_and_mode_answers_with_its_report, test_list_models_reports_strategies_and_guides,
+    strategy_runs, test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only,
+    test_bad_strategy_knobs_are_refused_with_a_usable_message,
+    test_cancelled_and_expired_strategy_requests_give_back_their_guide_slots,
+    test_every_strategy_and_mode_answers_with_its_report,
+    test_every_strategy_knob_at_a_non_default_value_is_accepted_and_takes_effect,
+    test_list_models_describes_every_model_of_the_config, test_list_models_reports_strategies_and_guides,
     test_neutral_knobs_reduce_to_plain_greedy, test_strategies_mixed_with_plain_requests_equal_their_solo_runs)
 
 pytestmark = pytest.mark.integration
@@ -60,12 +64,66 @@ def test_same_seed_same_sample(stub):
     assert other.token_ids != first.token_ids
 
 
+def test_a_drawn_seed_is_reported_and_reproduces_the_sample(stub):
+    def request(**seed) -> pb.GenerateRequest:
+        return chat("Invent a name for a cat.", temperature=1.0, max_tokens=8, ignore_eos=True, **seed)
+
+    drawn = stub.Generate(request(), timeout=120)
+    messages = list(stub.GenerateStream(request(), timeout=120))
+    assert drawn.seed and messages[-1].seed and drawn.seed != messages[-1].seed
+    assert not any(m.seed for m in messages[:-1])
+    again = stub.Generate(request(seed=drawn.seed), timeout=120)
+    assert (again.seed, again.token_ids) == (drawn.seed, drawn.token_ids)
+
+
+def test_stop_strings_end_the_text_before_the_first_one(stub):
+    free = stub.Generate(chat(QUESTIONS[1], temperature=0, max_tokens=24), timeout=120)
+    words = free.text.split()
+    assert len(words) >= 4, free.text
+    first, later = words[2], words[-1]  # the earliest occurrence of any stop string wins, whatever their order
+    request = chat(QUESTIONS[1], temperature=0, max_tokens=24, stop=[later, "never in this text ~~", first])
+    expected = free.text[:min(free.text.index(first), free.text.index(later))]
+    stopped = stub.Generate(request, timeout=120)
+    assert stopped.text == expected
+    assert stopped.finish_reason == pb.FINISH_REASON_STOP
+    assert len(stopped.token_ids) < len(free.token_ids)
+    messages = list(stub.GenerateStream(request, timeout=120))
+    assert "".join(m.text for m in messages) == expected and messages[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_top_k_1_samples_the_greedy_tokens(stub):
+    def tokens(**sampling):
+        return stub.Generate(chat(QUESTIONS[3], max_tokens=8, ignore_eos=True, **sampling), timeout=120).token_ids
+
+    greedy = tokens(temperature=0)
+    assert tokens(temperature=1.5, top_k=1, seed=1) == greedy
+    assert tokens(temperature=1.5, seed=1) != greedy  # so top_k is what made it greedy
+
+
+def test_request_id_is_echoed_when_given_and_generated_when_not(stub):
+    request = chat(QUESTIONS[2], temperature=0, max_tokens=2, ignore_eos=True)
+    request.request_id = "client-chosen-id-7"
+    assert stub.Generate(request, timeout=60).request_id == "client-chosen-id-7"
+    assert {m.request_id for m in stub.GenerateStream(request, timeout=60)} == {"client-chosen-id-7"}
+    request.request_id = ""
+    generated = stub.Generate(request, timeout=60).request_id
+    streamed = {m.request_id for m in stub.GenerateStream(request, timeout=60)}
+    assert generated and len(streamed) == 1 and "" not in streamed and generated not in streamed
+
+
 def test_eight_concurrent_greedy_requests_equal_their_solo_runs(stub):
     requests = [chat(q, temperature=0, max_tokens=32) for q in QUESTIONS]
     solo = [stub.Generate(r, timeout=120).text for r in requests]
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda r: stub.Generate(r, timeout=300).text, requests))
     assert together == solo
+
+
+def test_rerank_is_unimplemented(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Rerank(pb.RerankRequest(query="capital of France", passages=["Paris is the capital.", "Cats purr."]),
+                    timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_health_is_serving(channel):
@@ -107,6 +165,11 @@ def test_unknown_model_is_not_found(stub):
     (pb.GenerateRequest(prompt=""), "prompt"),
     (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=100_000)), "sampling.max_tokens"),
     (pb.GenerateRequest(messages=[pb.ChatMessage(role="robot", content="hi")]), "messages[0].role"),
+    (pb.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]), "prompt"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_k=-1)), "sampling.top_k"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(stop=["."] * 17)), "sampling.stop"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(stop=["ok", ""])), "sampling.stop[1]"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(stop=["x" * 257])), "sampling.stop[0]"),
 ])
 def test_bad_input_is_invalid_argument_naming_the_field(stub, request_, field):
     for call in (stub.Generate, lambda r, timeout: list(stub.GenerateStream(r, timeout=timeout))):

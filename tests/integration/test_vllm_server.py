@@ -7,15 +7,18 @@ import pytest
 
 from chorus.v1 import decoding_pb2 as pb
 from tests.integration.strategy_checks import (  # noqa: F401  (the fusion logits processor inside vLLM)
-    strategy_runs, test_bad_strategy_knobs_are_refused_with_a_usable_message,
-    test_every_strategy_and_mode_answers_with_its_report, test_list_models_reports_strategies_and_guides,
+    strategy_runs, test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only,
+    test_bad_strategy_knobs_are_refused_with_a_usable_message, test_every_strategy_and_mode_answers_with_its_report,
+    test_every_strategy_knob_at_a_non_default_value_is_accepted_and_takes_effect,
+    test_list_models_describes_every_model_of_the_config, test_list_models_reports_strategies_and_guides,
     test_neutral_knobs_reduce_to_plain_greedy, test_strategies_mixed_with_plain_requests_equal_their_solo_runs)
 from tests.integration.test_server import (  # noqa: F401  (collected and run against the vLLM server)
-    test_bad_input_is_invalid_argument_naming_the_field, test_cancelled_stream_stops_the_work,
-    test_deadline_exceeded_stops_the_work_and_the_server_keeps_serving,
+    test_a_drawn_seed_is_reported_and_reproduces_the_sample, test_bad_input_is_invalid_argument_naming_the_field,
+    test_cancelled_stream_stops_the_work, test_deadline_exceeded_stops_the_work_and_the_server_keeps_serving,
     test_eight_concurrent_greedy_requests_equal_their_solo_runs, test_greedy_chat_answer_contains_paris,
-    test_health_is_serving, test_same_seed_same_sample, test_streamed_text_equals_unary_text,
-    test_unknown_model_is_not_found)
+    test_health_is_serving, test_request_id_is_echoed_when_given_and_generated_when_not,
+    test_same_seed_same_sample, test_stop_strings_end_the_text_before_the_first_one,
+    test_streamed_text_equals_unary_text, test_top_k_1_samples_the_greedy_tokens, test_unknown_model_is_not_found)
 
 pytestmark = pytest.mark.integration
 
@@ -25,3 +28,8 @@ CONFIG = "deploy/local-vllm.yaml"
 def test_list_models_reports_vllm(stub):
     model = stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]
     assert (model.name, model.engine, model.max_model_len) == ("smollm2-135m-instruct", "vllm", 1024)
+
+
+# Collected last: when guide slots leak, the fusion processor's engine core dies, and every later test would fail too.
+from tests.integration.strategy_checks import (  # noqa: E402,F401
+    test_cancelled_and_expired_strategy_requests_give_back_their_guide_slots)
