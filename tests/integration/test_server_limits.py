@@ -29,8 +29,6 @@ def CONFIG(folder: Path) -> str:  # noqa: N802  (the conftest's `server` fixture
     raw = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
     args = raw["applications"][0]["args"]
     args["frontend"]["max_concurrent_rpcs"] = MAX_CONCURRENT_RPCS
-    for model in args["models"].values():
-        model["max_model_len"] = 512
     group = args["groups"]["smollm2"]
     group.update(max_batch_size=1, max_waiting=1, guides={"exit8": group["guides"]["exit8"]})
     del group["refusal"]
@@ -49,13 +47,14 @@ CD = dict(contrastive=pb.ContrastiveDecoding())
 
 
 def test_a_full_queue_is_resource_exhausted_and_freed_slots_and_queue_places_are_reused(stub):
-    # A holds the only slot of the base and of the amateur; ListModels counts it as running.
-    holder = stub.GenerateStream(chat(400, **CD), timeout=120)
+    # A holds the only slot of the base and of the amateur (long enough to outlast this test on a fast machine);
+    # ListModels counts it as running.
+    holder = stub.GenerateStream(chat(1800, **CD), timeout=120)
     next(holder)
     wait_for_load(stub, (1, 0))
     # B waits for the slot until its deadline passes: it takes the one queue place meanwhile, so C is refused.
-    expiring = stub.Generate.future(chat(4, **CD), timeout=5)
-    wait_for_load(stub, (1, 1), timeout=5)
+    expiring = stub.Generate.future(chat(4, **CD), timeout=3)
+    wait_for_load(stub, (1, 1), timeout=3)
     with pytest.raises(grpc.RpcError) as info:
         stub.Generate(chat(4), timeout=30)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -69,7 +68,7 @@ def test_a_full_queue_is_resource_exhausted_and_freed_slots_and_queue_places_are
     assert queued.result().report.contrastive.steps == 4
     wait_for_load(stub, (0, 0))
     # A strategy request whose deadline passes while it holds the slots gives them back too.
-    assert status_of(lambda: stub.Generate(chat(400, **CD), timeout=3)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert status_of(lambda: stub.Generate(chat(1800, **CD), timeout=3)) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert stub.Generate(chat(4, **CD), timeout=60).report.contrastive.steps == 4
 
 
