@@ -15,6 +15,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor.state import BatchUpdateBuilder
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
 
 from decoding.plans import ContrastivePlan, PlanSpec
@@ -85,6 +86,23 @@ def test_v1_bookkeeping_added_removed_moved_swapped():
     proc.update_state(None)  # no change in the batch
     proc.apply(logits)
     assert host.fused[-1] == [("d", 2)]
+
+
+def test_v1_a_finished_request_whose_index_a_move_fills_gives_back_its_slots():
+    """vLLM condenses the batch by moving the last request into a finished one's index and pops that index from
+    `removed` (InputBatch.condense): the finished request appears only as the target of a one-way move."""
+    host = RecordingHost()
+    proc = FusionLogitsProcessor(None, "cpu", False, host=host)
+    proc.update_state(update(3, added=[(i, params_with_plan(key), [1], []) for i, key in enumerate("abc")]))
+    builder = BatchUpdateBuilder()
+    builder.removed_append(0)  # a finishes; condense moves c (index 2) into its place
+    assert builder.peek_removed() == 0 and builder.pop_removed() == 0
+    builder.moved.append((2, 0, MoveDirectionality.UNIDIRECTIONAL))
+    batch_update = builder.get_and_reset(2)
+    assert list(batch_update.removed) == []
+    proc.update_state(batch_update)
+    proc.apply(torch.zeros(2, 8))
+    assert host.fused[-1] == [("b", 1), ("c", 0)] and set(host.live) == {"b", "c"}
 
 
 def v2_state(max_reqs=4, max_len=64):

@@ -101,6 +101,9 @@ class FusionLogitsProcessor(_V1Base):
         return False
 
     def update_state(self, batch_update) -> None:
+        """Processed in vLLM's order: removed, added, moved. A finished request is listed in `removed` only when its
+        index stays empty: vLLM pops the index from `removed` when an added request takes it, or when condensing the
+        batch moves a request into it (a one-way move onto it). Either way its guide slots are given back here."""
         if batch_update is None:
             return
         for index in batch_update.removed:
@@ -116,8 +119,11 @@ class FusionLogitsProcessor(_V1Base):
             row_a, row_b = self._rows.pop(a, None), self._rows.pop(b, None)
             if row_a is not None:
                 self._rows[b] = row_a
-            if direction == MoveDirectionality.SWAP and row_b is not None:
-                self._rows[a] = row_b
+            if row_b is not None:
+                if direction == MoveDirectionality.SWAP:
+                    self._rows[a] = row_b
+                else:  # overwritten by the move: the request at b has finished
+                    self._host.remove(row_b[0])
 
     def _drop(self, index: int) -> None:
         row = self._rows.pop(index, None)

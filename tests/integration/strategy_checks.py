@@ -264,7 +264,7 @@ def test_cancelled_and_expired_strategy_requests_give_back_their_guide_slots(stu
     with ThreadPoolExecutor(slots) as pool:
         codes = list(pool.map(lambda r: status_of(lambda: stub.Generate(r, timeout=2)),
                               [long(MODES["cd"], prompt=f"Count to {i}:") for i in range(slots)]))
-    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * slots
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * slots, f"{codes}:\n{server.log()[-3000:]}"
     # Every slot is free again: `slots` long contrastive requests are all admitted (a first token each) together.
     streams = [stub.GenerateStream(long(MODES["cd"], prompt=f"Count to {i}:"), timeout=120) for i in range(slots)]
     try:
