@@ -9,7 +9,8 @@ calls the group deployments through handles (about 1.5 ms a call on loopback her
 proxy). One front-end replica binds one address; scale it out with one per node behind a Service/LB.
 
 Errors cross the handle in-band: a replica's generator yields a `RemoteError` as its last item instead of raising,
-so the status code chosen in the replica reaches the client unchanged.
+so the status code chosen in the replica reaches the client unchanged. A replica that dies mid-request (a crash, an
+OOM kill, its node gone) is UNAVAILABLE: Serve starts a new one, and the client's retry reaches it.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import logging
 from typing import AsyncIterator
 
 from ray import serve
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.handle import DeploymentHandle
 
 from server.config import ChorusConfig, parse_chorus_config
 from server.engines.base import GenerationChunk, GenerationRequest
-from server.errors import ChorusError, status_code_name
+from server.errors import ChorusError, Unavailable, status_code_name
 
 log = logging.getLogger("ray.serve")
 
@@ -82,6 +84,19 @@ class ModelGroup:
             engine.shutdown()
 
 
+# What a handle call raises when the replica's process or node is gone; the front end answers UNAVAILABLE.
+REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError)
+
+
+@contextlib.contextmanager
+def _replica_loss_is_unavailable(what: str):
+    try:
+        yield
+    except REPLICA_LOST as error:
+        raise Unavailable(f"the replica serving {what} was lost ({type(error).__name__}); Serve is starting another: "
+                          "retry the request") from error
+
+
 class HandleRouter:
     """Routes a request to its model's group deployment and unpacks the stream."""
 
@@ -92,15 +107,17 @@ class HandleRouter:
     async def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         stream = self._handles[model].options(stream=True).generate.remote(request)
         try:
-            async for item in stream:
-                if isinstance(item, RemoteError):
-                    raise item.to_exception()
-                yield item
+            with _replica_loss_is_unavailable(f"model {model!r}"):
+                async for item in stream:
+                    if isinstance(item, RemoteError):
+                        raise item.to_exception()
+                    yield item
         finally:
             stream.cancel()  # no-op when the stream ended; aborts the engine work when the client went away
 
     async def describe(self) -> list[dict]:
-        return list(await asyncio.gather(*(h.describe.remote() for h in self._handles.values())))
+        with _replica_loss_is_unavailable("a model group"):
+            return list(await asyncio.gather(*(h.describe.remote() for h in self._handles.values())))
 
 
 @serve.deployment(name="frontend", num_replicas=1, ray_actor_options={"num_cpus": 0})
