@@ -37,6 +37,12 @@ def _deploy_failure(app_name: str, stop: threading.Event) -> str | None:
     return None
 
 
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGINT and SIGTERM set `stop`: `chorus serve` then shuts Serve and Ray down and exits 0."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+
 def _cmd_serve(args) -> int:
     from server.config import load_deploy_file
     from server.lockstep.guides import check_tokenizers
@@ -53,8 +59,7 @@ def _cmd_serve(args) -> int:
     address = f"{frontend.host}:{frontend.port}"
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    _stop_on_signals(stop)
 
     import ray
     from ray import serve
@@ -67,6 +72,7 @@ def _cmd_serve(args) -> int:
     schema = ServeDeploySchema.model_validate(deploy.serve_config)
     ray.init(namespace="serve", include_dashboard=False, object_store_memory=args.object_store_mb * 2**20,
              log_to_driver=True)
+    _stop_on_signals(stop)  # again: ray.init installs its own SIGTERM handler, which aborts without a clean shutdown
     try:
         client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
                              grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
