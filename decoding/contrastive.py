@@ -18,6 +18,8 @@ USCD (Wang et al. 2024), one model under the standard prompt (p_s) and the lame 
     μ ≤ λ:  score(v) = log(w_s·p_s(v) + w_l·p_l(v))  for v ∈ K = {p_s(v) ≥ η / V} with a positive mixture, else −inf
 
 The contrast is in probability space. If nothing survives (possible with w_l < 0), the standard argmax is kept.
+Since mean_v p_s = 1/V, μ ≤ 1/√V (equality for a one-hot p_s): λ ≥ 1/√V contrasts every step, so λ is on a scale
+set by the vocabulary (the released λ = 0.005 was tuned on CodeLlama's V = 32000, where 1/√V ≈ 0.0056).
 
 STEER (O'Neill et al. 2023), fine-tuned model F on the prompt, its base B on the prompt, F on the negative context:
 

@@ -327,8 +327,13 @@ class _Refusal(_Strategy):
     def __init__(self, case, request, engine_weights=None):
         super().__init__(case, request, engine_weights)
         tok = tokenizer()
-        self.markers = {c: [tok(p, add_special_tokens=False)["input_ids"] for p in prefixes]
-                        for c, prefixes in REFUSAL_PREFIXES.items()}
+        prefixes = REFUSAL_PREFIXES
+        if self.knob("prefixes", ()):  # the request's (category, text) pairs replace the config's
+            prefixes = {}
+            for category, text in self.case["prefixes"]:
+                prefixes.setdefault(category, []).append(text)
+        self.markers = {c: [tok(text, add_special_tokens=False)["input_ids"] for text in texts]
+                        for c, texts in prefixes.items()}
         self.prefix: list[int] = []
 
     def forced(self, position):

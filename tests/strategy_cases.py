@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from decoding.chat import ChatMessage
 from decoding.refusal import RefusalParams
 from decoding.sampling import SamplingParams
 from decoding.strategies import ContrastiveParams, Context, LogitFusionParams, RefusalSteeringParams
 from server.config import load_deploy_file
-from decoding.chat import ChatMessage
 from server.engines.base import GenerationRequest
 from tests import independent_reference as reference
 
@@ -37,7 +37,9 @@ REFERENCE_MAX_LEN = 512
 CASES = {
     "cd": {"strategy": "contrastive"},
     "cd-li": {"strategy": "contrastive", "beta": 4.0, "amateur_temperature": 0.5},
-    "uscd": {"strategy": "contrastive", "mode": "uscd",
+    # λ below the default 0.005: the std of a distribution over V tokens is at most ~1/√V (0.0045 at SmolLM2's
+    # V = 49152), so with the default the gate never finds a step certain; at 0.003 it goes both ways here.
+    "uscd": {"strategy": "contrastive", "mode": "uscd", "uncertainty_threshold": 0.003,
              "contrast_context": {"messages": ({"role": "user", "content": "Answer."},)}},
     "steer": {"strategy": "contrastive", "mode": "steer", "guide": "exit8",
               "contrast_context": {"prompt": "A cat sat on the mat. The sky is blue. Apples are red."}},
@@ -52,6 +54,9 @@ CASES = {
     "fusion-static-default": {"strategy": "logit_fusion", "mode": "static"},
     "refusal-threshold": {"strategy": "refusal_steering", "mode": "threshold", "threshold": 0.0},
     "refusal-argmax": {"strategy": "refusal_steering"},
+    # The request's own prefixes, on the usual first tokens of these answers; θ = 1: always respond, which bans them.
+    "refusal-respond": {"strategy": "refusal_steering", "mode": "threshold", "threshold": 1.0,
+                        "prefixes": (("refuse", "The"), ("refuse", "A"), ("refuse", "1."))},
 }
 
 
@@ -66,7 +71,8 @@ def strategy_params(case: dict):
         return ContrastiveParams(**knobs)
     if case["strategy"] == "logit_fusion":
         return LogitFusionParams(**knobs)
-    return RefusalSteeringParams(decision=RefusalParams(**knobs))
+    prefixes = knobs.pop("prefixes", ())
+    return RefusalSteeringParams(decision=RefusalParams(**knobs), prefixes=prefixes)
 
 
 STRATEGIES = {name: strategy_params(case) for name, case in CASES.items()}

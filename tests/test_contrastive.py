@@ -89,6 +89,17 @@ def test_uscd_confident_step_is_the_standard_distribution_exactly():
     assert torch.equal(scores, torch.log_softmax(standard, -1))
 
 
+def test_uscd_std_is_at_most_one_over_root_v_so_a_threshold_above_it_contrasts_every_step():
+    # SmolLM2's vocabulary: the most peaked p_s there is (one-hot) has std 1/√V ≈ 0.00451, below the default λ 0.005.
+    vocab = 49152
+    one_hot = torch.full((1, vocab), -1e4)
+    one_hot[0, 7] = 0.0
+    bound = 1 / math.sqrt(vocab)
+    for threshold, contrasted_expected in ((0.005, True), (bound * 1.001, True), (bound * 0.999, False)):
+        _, contrasted = uscd_scores(one_hot, torch.zeros(1, vocab), threshold, 2 / 3, 1.0, -0.7)
+        assert bool(contrasted[0]) is contrasted_expected, threshold
+
+
 def test_uscd_uniform_step_contrasts_in_probability_space():
     # p_s uniform (std 0) → contrast; p_s = 0.1 each over 10 tokens, p_l puts 0.2 on token 0 → 0.1 − 0.14 < 0 → −inf.
     standard = torch.zeros(1, 10)

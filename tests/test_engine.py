@@ -6,10 +6,10 @@ import time
 
 import pytest
 
+from decoding.chat import ChatMessage
 from decoding.errors import InvalidArgument
 from decoding.sampling import SamplingParams
 from server.config import GroupSpec, ModelSpec
-from decoding.chat import ChatMessage
 from server.engines.base import GenerationRequest
 from server.engines.transformers_engine import TransformersEngine
 from server.errors import DeadlineExceeded, ResourceExhausted

@@ -70,7 +70,7 @@ def test_reports_and_forward_passes(mixed_run):
     # The base on the prompt and on the lame prompt, each prefill a pass or more (chunked across steps when the
     # mixed run's newcomers exceed a step's token budget).
     assert set(uscd.usage.forward_passes) == {BASE} and uscd.usage.forward_passes[BASE] >= 2 * steps
-    # Exactly the steps where the reference found the base uncertain on the prompt (none of them near λ here).
+    # Exactly the steps where the reference found the base uncertain on the prompt (some, not all; none near λ).
     uscd_trace = reference_trace("uscd", QUESTIONS[0], tuple(runs[("uscd", QUESTIONS[0])][0]))
     assert not any(uscd_trace.borderline) and 0 < sum(uscd_trace.contrasted) < steps
     assert uscd.report.contrasted_steps == sum(uscd_trace.contrasted)

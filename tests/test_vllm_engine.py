@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
+from decoding.chat import ChatMessage
 from decoding.sampling import SamplingParams
 from server.config import GroupSpec, ModelSpec
-from decoding.chat import ChatMessage
 from server.engines.base import GenerationRequest
 from server.engines.transformers_engine import TransformersEngine
 from server.engines.vllm_engine import VLLMEngine
