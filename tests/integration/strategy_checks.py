@@ -159,6 +159,8 @@ KNOBS = {
     "cd-self": dict(contrastive=C(guide="self", beta=2.0, amateur_temperature=0.5)),
     # No step is uncertain: plain greedy, nothing contrasted.
     "uscd-threshold": dict(contrastive=C(mode=C.MODE_USCD, contrast_context=LAME, uncertainty_threshold=0.0)),
+    # The mixture is the base alone.
+    "uscd-lame-weight": dict(contrastive=C(mode=C.MODE_USCD, contrast_context=LAME, lame_weight=0.0)),
     # Both weights doubled: the mixture scales, the choice stays the default's (strategy_runs' "uscd"); either weight
     # alone at its default would change the mixture.
     "uscd-weights": dict(contrastive=C(mode=C.MODE_USCD, contrast_context=LAME, standard_weight=2.0,
@@ -172,6 +174,8 @@ KNOBS = {
                                       eta=0.0)),
     "fusion-grid": dict(logit_fusion=F(experts=["french", "concise"], grid_max=1.0, grid_step=0.5,
                                        report_weights=True)),
+    # The small base is the base itself here: with every alpha 0 the fusion is the base.
+    "fusion-grid-zero": dict(logit_fusion=F(grid_max=0.0)),
     "fusion-static": dict(logit_fusion=F(mode=F.MODE_STATIC, alphas=[0.5, 1.5], small_base="exit8")),
     "refusal-thresholds": dict(refusal_steering=R(mode=R.MODE_THRESHOLD, threshold=2.0, thresholds={"refuse": 0.0})),
     "refusal-biases": dict(refusal_steering=R(mode=R.MODE_LOGIT_BIAS, bias=-100.0, biases={"refuse": 100.0})),
@@ -197,20 +201,22 @@ def test_every_strategy_knob_at_a_non_default_value_is_accepted_and_takes_effect
     tokens = {name: run.token_ids for name, run in runs.items()}
     report = {name: getattr(run.report, run.report.WhichOneof("report") or "contrastive") for name, run in runs.items()}
 
-    for name in ("cd-alpha", "uscd-threshold", "uscd-eta", "steer-neutral"):
+    for name in ("cd-alpha", "uscd-threshold", "uscd-lame-weight", "uscd-eta", "steer-neutral", "fusion-grid-zero"):
         assert tokens[name] == plain, name
     for name in ("cd-self", "steer-gamma"):
         assert tokens[name] != plain, name
     assert (report["cd-self"].guide, report["steer-neutral"].guide) == ("self", "exit8")
     assert tokens["uscd-weights"] == strategy_runs[0]["uscd"].token_ids[:KNOB_TOKENS]
     assert report["uscd-threshold"].contrasted_steps == 0
-    assert report["uscd-eta"].contrasted_steps == report["uscd-eta"].steps == KNOB_TOKENS
+    for name in ("uscd-lame-weight", "uscd-eta"):  # the default threshold is above SmolLM2's 1/√V: every step
+        assert report[name].contrasted_steps == report[name].steps == KNOB_TOKENS, name
 
     grid = report["fusion-grid"]
     assert list(grid.experts) == ["french", "concise"] and len(grid.steps) == KNOB_TOKENS
     assert {a for step in grid.steps for a in step.alphas} <= {0.0, 0.5, 1.0}
     for i, mean in enumerate(grid.mean_weights):
         assert mean == pytest.approx(sum(step.alphas[i] for step in grid.steps) / KNOB_TOKENS)
+    assert list(report["fusion-grid-zero"].mean_weights) == [0.0, 0.0] and not report["fusion-grid-zero"].steps
     static = report["fusion-static"]
     assert (static.mode, static.small_base, list(static.mean_weights)) == ("static", "exit8", [0.5, 1.5])
 
