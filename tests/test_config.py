@@ -102,6 +102,27 @@ def test_local_config_declares_guides_and_refusal_prefixes():
     assert group.refusal.prefixes["refuse"][0] == "I'm sorry"
 
 
+def test_pair_config_declares_the_small_model_as_every_guide_and_serves_every_strategy():
+    from server.strategies.registry import availability
+
+    config = load_deploy_file(ROOT / "deploy" / "local-pair.yaml").chorus
+    group = config.groups["qwen"]
+    assert config.default_model == group.base == "qwen2.5-coder-1.5b-instruct"
+    small = "qwen2.5-coder-0.5b-instruct"
+    assert [(g.name, g.model) for g in group.guides_with_role("amateur")] == [("small", small)]
+    assert [(g.name, g.model) for g in group.guides_with_role("small_base")] == [("small", small)]
+    assert {t: g.model for g in group.guides.values() for t in g.expert_tasks} == {"stepwise": small}
+    assert availability(group) == {name: None for name in availability(group)}
+
+
+@pytest.mark.parametrize("config, target", [("local.yaml", "install"), ("local-pair.yaml", "install"),
+                                            ("local-vllm.yaml", "install-cpu"), ("gpu.yaml", "install-cpu")])
+def test_make_serve_installs_what_the_deploy_files_engines_need(config, target):
+    out = subprocess.run([sys.executable, "-m", "server.cli", "install-target", "--config", f"deploy/{config}"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == target
+
+
 TWO_MODELS = {"m": {"path": "x"}, "small": {"path": "y", "early_exit_layers": 4}}
 
 
