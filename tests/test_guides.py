@@ -45,3 +45,21 @@ def test_tokenizer_mismatch_stops_the_config_naming_both_models(tokenizer, tmp_p
         check_tokenizers(config_with_guide(changed))
     message = str(info.value)
     assert "'other'" in message and "'base'" in message and "vocabulary sizes differ" in message
+
+
+def test_chat_templates_that_render_chats_alike_pass_and_others_stop_the_config(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    def saved_with_template(folder, template):
+        tokenizer.save_pretrained(tmp_path / folder)
+        tok = AutoTokenizer.from_pretrained(tmp_path / folder)
+        tok.chat_template = template
+        tok.save_pretrained(tmp_path / folder)
+        return tmp_path / folder
+
+    # Text that renders nothing for a chat (a comment, like Qwen2.5-Coder's tool-call escaping): fusable.
+    check_tokenizers(config_with_guide(saved_with_template("alike", tokenizer.chat_template + "{# tools #}")))
+    # A template that renders a chat otherwise: refused.
+    with pytest.raises(ConfigError, match="chat templates render the same messages differently"):
+        check_tokenizers(config_with_guide(saved_with_template("other", tokenizer.chat_template.replace(
+            "<|im_start|>", "<|im_start|> "))))
