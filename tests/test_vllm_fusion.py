@@ -137,7 +137,7 @@ def test_v2_bookkeeping_slots_recycled_without_notice():
 
 
 @pytest.fixture(scope="module")
-def guide_host(model_path, tokenizer):
+def lockstep_host(model_path, tokenizer):
     loader = ModelLoader(LOCAL_CONFIG.models)
     runners = {name: ModelRunner(loader.load(name), vocab_size=len(tokenizer), max_slots=8, max_len=256)
                for name in (BASE, EXIT8)}
@@ -148,9 +148,9 @@ def guide_host(model_path, tokenizer):
 
 @pytest.mark.parametrize("adapter", ["v1", "v2"])
 @pytest.mark.parametrize("name", ["cd", "uscd", "fusion-dynamic", "refusal-threshold"])
-def test_adapter_with_real_guides_equals_naive_reference(adapter, name, guide_host, tokenizer):
+def test_adapter_with_real_guides_equals_naive_reference(adapter, name, lockstep_host, tokenizer):
     """The base's logits come from a plain forward (standing in for vLLM); the adapter fuses them in place."""
-    base_model, host, reports = guide_host
+    base_model, host, reports = lockstep_host
     steps = 12
     reqs = [request(name, q, steps=steps) for q in QUESTIONS[:2]]
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(
@@ -194,10 +194,10 @@ def test_adapter_with_real_guides_equals_naive_reference(adapter, name, guide_ho
     assert all(r.free_slots == 8 for r in host.runners.values())
 
 
-def test_guide_host_steps_only_the_requests_in_the_batch(guide_host, tokenizer):
+def test_lockstep_host_steps_only_the_requests_in_the_batch(lockstep_host, tokenizer):
     """vLLM leaves requests out of a step (not scheduled) or fuses a row twice at one position (a partial prefill
     whose token it discards): the others step alone, the repeated row decides the same, reports count positions."""
-    base_model, host, reports = guide_host
+    base_model, host, reports = lockstep_host
     steps = 8
     reqs = [request("cd", q, steps=steps) for q in QUESTIONS[:2]]
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(
