@@ -148,6 +148,13 @@ def checkpoint_dir(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
+def embedded_model(name: str) -> EmbeddedModel:
+    """The embedded model of that name; ModelFetchError naming the known ones otherwise."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelFetchError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
+    return EMBEDDED_MODELS[name]
+
+
 def resolve_model_path(path: str) -> str:
     """Maps ``embedded:<name>`` to its converted checkpoint; other paths are returned unchanged.
 
@@ -156,10 +163,8 @@ def resolve_model_path(path: str) -> str:
     if not path.startswith(EMBEDDED_PREFIX):
         return path
     name = path[len(EMBEDDED_PREFIX):]
-    if name not in EMBEDDED_MODELS:
-        raise ModelFetchError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
     target = checkpoint_dir(name)
-    if not _is_complete(target, EMBEDDED_MODELS[name]):
+    if not _is_complete(target, embedded_model(name)):
         raise ModelFetchError(f"embedded model {name!r} is not in {target}; run `chorus fetch-models` first")
     return str(target)
 
@@ -325,16 +330,12 @@ def embedded_names(paths: Iterable[str]) -> list[str]:
     names = []
     for path in paths:
         if path.startswith(EMBEDDED_PREFIX):
-            name = path[len(EMBEDDED_PREFIX):]
-            if name not in EMBEDDED_MODELS:
-                raise ModelFetchError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
+            name = embedded_model(path[len(EMBEDDED_PREFIX):]).name
             if name not in names:
                 names.append(name)
     return names
 
 
 def fetch_models(names: Iterable[str] = DEFAULT_FETCH, force: bool = False) -> list[Path]:
-    unknown = [n for n in names if n not in EMBEDDED_MODELS]
-    if unknown:
-        raise ModelFetchError(f"unknown embedded model(s) {unknown}; known: {sorted(EMBEDDED_MODELS)}")
-    return [fetch_model(EMBEDDED_MODELS[name], force=force) for name in names]
+    models = [embedded_model(name) for name in names]  # every name checked before anything is downloaded
+    return [fetch_model(model, force=force) for model in models]
