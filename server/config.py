@@ -10,6 +10,7 @@ stops the server with a message naming the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ class ModelSpec:
     early_exit_layers: int | None = None
 
 
-GUIDE_ROLES = ("amateur", "small_base")  # and "expert:<task>"
+GUIDE_ROLES = ("amateur", "small_base", "small")  # and "expert:<task>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,8 @@ class GuideSpec:
     """A guide of a group's base model: a model (or the base itself) under an optional in-context system prompt.
 
     Roles: `amateur` (contrastive decoding's weak model), `small_base` (logit fusion's small base S; STEER's base
-    model B), `expert:<task>` (a logit-fusion expert S_t, fine-tuned from small_base or made by its system prompt).
+    model B), `expert:<task>` (a logit-fusion expert S_t, fine-tuned from small_base or made by its system prompt),
+    `small` (entropy switching's small model, which writes while it is sure).
     """
     name: str
     model: str
@@ -90,6 +92,9 @@ class GroupSpec:
     # Guides by name (GuideSpec): the models token-level strategies fuse with the base.
     guides: dict[str, GuideSpec] = dataclasses.field(default_factory=dict)
     refusal: RefusalSpec | None = None
+    # Entropy switching's default threshold (bits) for this group's `small` guide and base; `chorus
+    # calibrate-entropy` prints one for a target large-model fraction. None: requests must send a threshold.
+    entropy_threshold: float | None = None
 
     def guides_with_role(self, role: str) -> list[GuideSpec]:
         return [g for g in self.guides.values() if role in g.roles]
@@ -178,6 +183,10 @@ def parse_chorus_config(args: dict) -> ChorusConfig:
                               f"step always has room for prompt tokens, got {group.max_step_tokens}")
         for guide in group.guides.values():
             _check_guide(where, guide, models, group.base)
+        threshold = group.entropy_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not math.isfinite(threshold)):
+            raise ConfigError(f"{where}.entropy_threshold: a finite number of bits, got {threshold!r}")
     for spec in models.values():
         if spec.early_exit_layers is not None and spec.early_exit_layers < 1:
             raise ConfigError(f"models.{spec.name}.early_exit_layers: must be >= 1")

@@ -38,6 +38,13 @@ engines' greedy token is the argmax):
            declared). argmax mode: refuse iff P_c* ≥ P_respond; threshold mode: refuse iff P_c* ≥ θ. Refuse = force
            the whole prefix of c* whose first token is most probable (ties: the first declared); respond = ban
            every category's first tokens at that step.
+  switch   Simonds 2025 (arXiv 2502.06833), entropy-adaptive decoding: the base is the large model, the guide with
+           role `small` the small one; the active model's raw logits are the step's scores; H = entropy in bits of
+           its softmax; H̄ = the mean of the last w = 5 H (fewer at the start); after a token, once the active model
+           has written d_min = 10 tokens since it became active, the large model writes next iff H̄ > τ (τ: the
+           case's, else the group's `entropy_threshold`), else the small one; a switch restarts the count. Start:
+           the small model unless the case says "large". A step whose H̄ is within float noise of τ when the rule
+           fires is marked (`Trace.borderline`).
 
 Two ways to get every step's logits: `literal_tokens` recomputes each stream's full forward at every step (the
 research scripts' way, quadratic); `teacher_forced` runs one causal full forward per stream over its context and
@@ -75,6 +82,9 @@ PROXY_TUNING_ALPHA = 1.0
 DLF_GRID = [k / 10 for k in range(21)]  # from integers: 1.0 is exactly 1.0
 DLF_TIE_RTOL, DLF_TIE_ATOL = 1e-3, 1e-8
 REFUSAL_THRESHOLD, REFUSAL_SOFTMAX_TEMPERATURE = 0.5, 1.0
+SWITCH_WINDOW, SWITCH_MIN_SPAN = 5, 10
+# A rolling entropy this close (bits) to τ may fall either way between float32 forwards and this float64 replay.
+SWITCH_NOISE = 1e-3
 # A USCD gate this close (relative) to λ may fall either way between two float32 forwards.
 GATE_NOISE = 1e-4
 # The error of a KL over ~50k tokens computed in float32, as the engines do (seen up to 4e-6): a DLF loss
@@ -177,6 +187,8 @@ class Trace:
     weights: list[tuple[float, ...]]  # fusion: α per expert at every step
     near_tie: list[bool]  # dynamic fusion: the engine's α taken over the first minimum, within float noise
     refusal: dict | None  # action, category, probabilities, respond_probability, forced
+    large: list[bool] = dataclasses.field(default_factory=list)  # entropy switch: the large model wrote the step
+    entropies: list[float] = dataclasses.field(default_factory=list)  # entropy switch: the writer's H (bits)
     guide: str = ""  # contrastive: the guide (USCD: the base model); fusion: the small base
     experts: tuple[str, ...] = ()
 
@@ -361,7 +373,33 @@ class _Refusal(_Strategy):
         return z
 
 
-_STRATEGIES = {"contrastive": _Contrastive, "logit_fusion": _Fusion, "refusal_steering": _Refusal}
+class _EntropySwitch(_Strategy):
+    def __init__(self, case, request, engine_weights=None):
+        super().__init__(case, request, engine_weights)
+        self.trace.guide = self.knob("small", "") or _default_guide("small")
+        self.streams["small"] = _guide_stream(self.trace.guide, request)
+        self.threshold = self.knob("threshold", GROUP.get("entropy_threshold"))
+        self.window, self.min_span = self.knob("window", SWITCH_WINDOW), self.knob("min_span", SWITCH_MIN_SPAN)
+        self.large, self.span = self.knob("start", "small") == "large", 0
+
+    def scores(self, position, rows):
+        z = rows["base" if self.large else "small"]
+        p = torch.softmax(z, -1)
+        entropy = float(-(p[p > 0] * torch.log2(p[p > 0])).sum())
+        self.trace.large.append(self.large)
+        self.trace.entropies.append(entropy)
+        recent = self.trace.entropies[-self.window:]
+        rolling = sum(recent) / len(recent)
+        self.span += 1
+        fires = self.span >= self.min_span
+        self.trace.borderline.append(fires and abs(rolling - self.threshold) <= SWITCH_NOISE)
+        if fires and (rolling > self.threshold) != self.large:
+            self.large, self.span = not self.large, 0
+        return z
+
+
+_STRATEGIES = {"contrastive": _Contrastive, "logit_fusion": _Fusion, "refusal_steering": _Refusal,
+               "entropy_switch": _EntropySwitch}
 
 
 def _strategy(case: dict, question: str, engine_weights=None) -> _Strategy:

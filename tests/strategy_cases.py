@@ -19,7 +19,8 @@ import pytest
 from decoding.chat import ChatMessage
 from decoding.refusal import RefusalParams
 from decoding.sampling import SamplingParams
-from decoding.strategies import ContrastiveParams, Context, LogitFusionParams, RefusalSteeringParams
+from decoding.strategies import (ContrastiveParams, Context, EntropySwitchParams, LogitFusionParams,
+                                 RefusalSteeringParams)
 from server.config import load_deploy_file
 from server.engines.base import GenerationRequest
 from tests import independent_reference as reference
@@ -57,6 +58,11 @@ CASES = {
     # The request's own prefixes, on the usual first tokens of these answers; θ = 1: always respond, which bans them.
     "refusal-respond": {"strategy": "refusal_steering", "mode": "threshold", "threshold": 1.0,
                         "prefixes": (("refuse", "The"), ("refuse", "A"), ("refuse", "1."))},
+    # The group's calibrated threshold, window 5, minimum span 10, the small model (exit8) first.
+    "entropy-switch": {"strategy": "entropy_switch", "trace": True},
+    # The large model first, a short window and span so that 32 tokens switch several times.
+    "entropy-switch-large-first": {"strategy": "entropy_switch", "start": "large", "window": 2, "min_span": 3,
+                                   "threshold": 1.5, "trace": True},
 }
 
 
@@ -71,6 +77,8 @@ def strategy_params(case: dict):
         return ContrastiveParams(**knobs)
     if case["strategy"] == "logit_fusion":
         return LogitFusionParams(**knobs)
+    if case["strategy"] == "entropy_switch":
+        return EntropySwitchParams(**knobs)
     prefixes = knobs.pop("prefixes", ())
     return RefusalSteeringParams(decision=RefusalParams(**knobs), prefixes=prefixes)
 
@@ -135,6 +143,14 @@ def assert_matches_reference(name: str, question: str, tokens: list[int], report
             assert [list(w) for w in report.step_weights] == [pytest.approx(w, abs=1e-6) for w in trace.weights]
         else:
             assert report.step_weights == []
+    elif case["strategy"] == "entropy_switch":
+        assert not any(trace.borderline), ("a rolling entropy within float noise of the threshold: pick another",
+                                           trace.entropies)
+        assert (report.small, report.steps) == (trace.guide, steps)
+        assert [s.large for s in report.trace] == trace.large
+        assert [s.entropy for s in report.trace] == pytest.approx(trace.entropies, abs=1e-3)
+        assert report.large_tokens == sum(trace.large)
+        assert report.switches == sum(a != b for a, b in zip(trace.large, trace.large[1:]))
     else:
         decided = trace.refusal
         assert (report.action, report.category, report.forced_token_ids) == (

@@ -111,6 +111,7 @@ def test_pair_config_declares_the_small_model_as_every_guide_and_serves_every_st
     small = "qwen2.5-coder-0.5b-instruct"
     assert [(g.name, g.model) for g in group.guides_with_role("amateur")] == [("small", small)]
     assert [(g.name, g.model) for g in group.guides_with_role("small_base")] == [("small", small)]
+    assert [(g.name, g.model) for g in group.guides_with_role("small")] == [("small", small)]
     assert {t: g.model for g in group.guides.values() for t in g.expert_tasks} == {"stepwise": small}
     assert availability(group) == {name: None for name in availability(group)}
 

@@ -8,24 +8,31 @@ import pytest
 
 from chorus.v1 import decoding_pb2 as pb
 from decoding.chat import ChatMessage
-from decoding.plans import ContrastivePlan, LogitFusionPlan, PlanSpec, RefusalPlan
+from decoding.plans import ContrastivePlan, EntropySwitchPlan, LogitFusionPlan, PlanSpec, RefusalPlan
 from decoding.sampling import SamplingParams
-from decoding.strategies import (ContrastiveParams, ContrastiveReport, LogitFusionParams, LogitFusionReport,
-                                 RefusalReport, RefusalSteeringParams)
+from decoding.strategies import (ContrastiveParams, ContrastiveReport, EntropySwitchParams, EntropySwitchReport,
+                                 EntropySwitchStep, LogitFusionParams, LogitFusionReport, RefusalReport,
+                                 RefusalSteeringParams)
 from server.config import load_deploy_file, parse_chorus_config
 from server.engines.base import GenerationRequest
 from server.errors import FailedPrecondition, Unimplemented
 from server.service import API_STRATEGIES, report_proto, to_strategy
 from server.strategies import registry
 
-GROUP = load_deploy_file(Path(__file__).resolve().parents[1] / "deploy" / "local.yaml").chorus.groups["smollm2"]
-PLANS = {"contrastive": ContrastivePlan, "logit_fusion": LogitFusionPlan, "refusal_steering": RefusalPlan}
+CONFIG = load_deploy_file(Path(__file__).resolve().parents[1] / "deploy" / "local.yaml").chorus
+GROUP = CONFIG.groups["smollm2"]
+PLANS = {"contrastive": ContrastivePlan, "logit_fusion": LogitFusionPlan, "refusal_steering": RefusalPlan,
+         "entropy_switch": EntropySwitchPlan}
 REPORTS = {
     "contrastive": ContrastiveReport(mode="cd", guide="exit8", steps=3, contrasted_steps=2),
     "logit_fusion": LogitFusionReport(mode="dynamic", small_base="self", experts=("concise",), steps=2,
                                       mean_weights=(0.5,), step_weights=[(1.0,), (0.0,)]),
     "refusal_steering": RefusalReport(action="refuse", category="sorry", probabilities={"sorry": 0.7},
                                       respond_probability=0.3, forced_token_ids=(57, 58)),
+    "entropy_switch": EntropySwitchReport(small="exit8", threshold=2.5, steps=4, large_tokens=1, switches=2,
+                                          small_catch_up_tokens=1, large_catch_up_tokens=2, parameter_ratio=0.5,
+                                          trace=[EntropySwitchStep(False, 3.0, 3.0), EntropySwitchStep(False, 2.0, 2.5),
+                                                 EntropySwitchStep(True, 0.5, 1.8), EntropySwitchStep(False, 1.0, 1.6)]),
 }
 
 
@@ -39,7 +46,7 @@ def test_every_api_strategy_is_registered_or_unimplemented():
                 registry.strategy(field)
 
 
-@pytest.mark.parametrize("field", ["entropy_switch", "best_of_n"])
+@pytest.mark.parametrize("field", ["best_of_n"])
 def test_an_unregistered_strategy_in_a_request_is_unimplemented(field):
     request = pb.GenerateRequest(prompt="hi")
     getattr(request, field).SetInParent()
@@ -61,6 +68,12 @@ def test_each_entry_converts_its_message_and_report(field):
     if field == "refusal_steering":
         assert list(report.refusal_steering.forced_token_ids) == [57, 58]
         assert report.refusal_steering.respond_probability == pytest.approx(0.3)
+    if field == "entropy_switch":
+        switch = report.entropy_switch
+        assert (switch.small, switch.steps, switch.large_tokens, switch.switches) == ("exit8", 4, 1, 2)
+        assert (switch.small_catch_up_tokens, switch.large_catch_up_tokens) == (1, 2)
+        assert switch.large_fraction == 0.25 and switch.compute_saved == pytest.approx(1 - (0.25 + 0.75 * 0.5))
+        assert [(s.large, s.entropy) for s in switch.trace] == [(False, 3.0), (False, 2.0), (True, 0.5), (False, 1.0)]
 
 
 def test_availability_of_a_bare_group_says_what_to_declare():
@@ -70,14 +83,16 @@ def test_availability_of_a_bare_group_says_what_to_declare():
     assert "role 'amateur'" in reasons["contrastive"]
     assert "role 'small_base'" in reasons["logit_fusion"]
     assert "refusal tokens or prefixes" in reasons["refusal_steering"]
+    assert "role 'small'" in reasons["entropy_switch"]
     assert registry.availability(GROUP) == {field: None for field in registry.REGISTRY}
 
 
 @pytest.mark.parametrize("field, params", [("contrastive", ContrastiveParams()),
                                            ("logit_fusion", LogitFusionParams()),
-                                           ("refusal_steering", RefusalSteeringParams())])
+                                           ("refusal_steering", RefusalSteeringParams()),
+                                           ("entropy_switch", EntropySwitchParams())])
 def test_each_entry_resolves_to_its_own_plan_and_the_spec_pickles(field, params, tokenizer):
-    resolver = registry.PlanResolver(GROUP, tokenizer, 512)
+    resolver = registry.PlanResolver(GROUP, tokenizer, 512, CONFIG.models)
     request = GenerationRequest(request_id="r", sampling=SamplingParams(max_tokens=4),
                                 messages=(ChatMessage("user", "hi"),), strategy=params)
     spec = resolver.resolve(request, tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
@@ -93,7 +108,7 @@ def test_a_plan_refuses_another_strategys_params():
 
 def test_a_strategy_the_group_cannot_serve_is_failed_precondition(tokenizer):
     bare = parse_chorus_config({"models": {"m": {"path": "x"}}, "groups": {"g": {"base": "m"}}}).groups["g"]
-    resolver = registry.PlanResolver(bare, tokenizer, 512)
+    resolver = registry.PlanResolver(bare, tokenizer, 512, {})
     request = GenerationRequest(request_id="r", sampling=SamplingParams(max_tokens=4), prompt="hi",
                                 strategy=ContrastiveParams())
     with pytest.raises(FailedPrecondition, match="role 'amateur'"):

@@ -156,7 +156,7 @@ def test_adapter_with_real_guides_equals_naive_reference(adapter, name, lockstep
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(
         [{"role": "user", "content": r.messages[0].content}], add_generation_prompt=True, tokenize=False),
         add_special_tokens=False) for r in reqs]
-    resolver = PlanResolver(GROUP, tokenizer, 256)
+    resolver = PlanResolver(GROUP, tokenizer, 256, LOCAL_CONFIG.models)
     keys = [f"{adapter}-{name}-{i}" for i in range(len(reqs))]
     specs = [resolver.resolve(r, p) for r, p in zip(reqs, prompts)]
     params = [SamplingParams(extra_args={PLAN_ARG: encode_plan(spec), KEY_ARG: k}) for spec, k in zip(specs, keys)]
@@ -203,7 +203,7 @@ def test_lockstep_host_steps_only_the_requests_in_the_batch(lockstep_host, token
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(
         [{"role": "user", "content": r.messages[0].content}], add_generation_prompt=True, tokenize=False),
         add_special_tokens=False) for r in reqs]
-    resolver = PlanResolver(GROUP, tokenizer, 256)
+    resolver = PlanResolver(GROUP, tokenizer, 256, LOCAL_CONFIG.models)
     keys = ["subset-0", "subset-1"]
     specs = [resolver.resolve(r, p) for r, p in zip(reqs, prompts)]
     for key, spec in zip(keys, specs):

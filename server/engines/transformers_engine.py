@@ -179,7 +179,8 @@ class TransformersEngine(Engine):
             generation_config = None
         self._eos = stop_token_ids(self.tokenizer, hf_model.config, generation_config)
         self.max_model_len = model.max_model_len or min(hf_model.config.max_position_embeddings, 4096)
-        self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len)
+        self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len,
+                                      config.models if config else {model.name: model})
         # One runner (slot KV cache) per model: the base, and each distinct guide model. A stream takes one slot.
         runners = {name: ModelRunner(hf_model if name == model.name else loader.load(name),
                                      vocab_size=len(self.tokenizer), max_slots=group.max_batch_size,

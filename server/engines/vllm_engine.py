@@ -94,7 +94,7 @@ class VLLMEngine(Engine):
         vllm_config.model_config.logits_processors = [f"{processor.__module__}:{processor.__qualname__}"]
         self._guide_models = set(slots)
         self._llm = AsyncLLM.from_vllm_config(vllm_config)
-        self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len)
+        self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len, models)
         self._max_in_flight = group.max_batch_size + group.max_waiting
         self._in_flight = 0
 

@@ -87,6 +87,23 @@ def early_exit_view(model, layers: int):
     return view.to(dtype=model.dtype).eval()
 
 
+def parameter_count(spec: ModelSpec) -> int:
+    """The parameters each token's forward of `spec` multiplies by: every weight but the input embedding (a lookup),
+    the output head included even when it is tied to the embedding (an early-exit model: its layers, the final norm
+    and the head). Counted from the config on the meta device, without loading any weight."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_model_path(spec.path))
+    if spec.early_exit_layers:
+        config.num_hidden_layers = spec.early_exit_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:spec.early_exit_layers]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return model.num_parameters() - embedding.numel() + (head.numel() if head is embedding else 0)
+
+
 class ModelLoader:
     """Loads each checkpoint once per replica; early-exit models are views of an already loaded checkpoint."""
 

@@ -14,10 +14,11 @@ from decoding.chat import ChatMessage
 from decoding.errors import InvalidArgument
 from decoding.plans import StreamSpec
 from decoding.strategies import Context
-from server.config import GroupSpec, GuideSpec
+from server.config import GroupSpec, GuideSpec, ModelSpec
 from server.engines.base import GenerationRequest
 from server.engines.prompts import render_prompt
 from server.errors import FailedPrecondition
+from server.lockstep.guides import parameter_count
 
 
 def needs_role(group: GroupSpec, role: str, what: str) -> str | None:
@@ -28,10 +29,12 @@ def needs_role(group: GroupSpec, role: str, what: str) -> str | None:
 class PlanContext:
     """A model group's guides and tokenizer, and the per-strategy state prepared from its config."""
 
-    def __init__(self, group: GroupSpec, tokenizer, max_model_len: int):
+    def __init__(self, group: GroupSpec, tokenizer, max_model_len: int, models: dict[str, ModelSpec]):
         self.group = group
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.models = models  # the config's models (at least the group's base and guide models)
+        self._parameters: dict[str, int] = {}
         # Per strategy field: what its `prepare` made of the group's config once (e.g. refusal marker ids).
         self.prepared: dict[str, object] = {}
 
@@ -47,6 +50,12 @@ class PlanContext:
             raise FailedPrecondition(f"{what} needs a guide with role {role!r}; the config of model "
                                      f"{group.base!r} declares none (guides: {sorted(group.guides) or 'none'})")
         return candidates[0]
+
+    def parameters(self, model: str) -> int:
+        """A model's parameter count (from its config, once)."""
+        if model not in self._parameters:
+            self._parameters[model] = parameter_count(self.models[model])
+        return self._parameters[model]
 
     def stream(self, request: GenerationRequest, guide: GuideSpec, prompt_ids: list[int]) -> StreamSpec:
         """The guide's stream on the request's prompt (with the guide's system prompt, for in-context experts).

@@ -19,11 +19,11 @@ import dataclasses
 from typing import Callable
 
 from decoding.plans import PlanSpec
-from decoding.strategies import ContrastiveParams, LogitFusionParams, RefusalSteeringParams
-from server.config import GroupSpec
+from decoding.strategies import ContrastiveParams, EntropySwitchParams, LogitFusionParams, RefusalSteeringParams
+from server.config import GroupSpec, ModelSpec
 from server.engines.base import GenerationRequest
 from server.errors import Unimplemented
-from server.strategies import contrastive, logit_fusion, refusal
+from server.strategies import contrastive, entropy_switch, logit_fusion, refusal
 from server.strategies.context import PlanContext
 
 TOKEN_LEVEL = "token"
@@ -49,6 +49,8 @@ REGISTRY: dict[str, Strategy] = {s.field: s for s in (
              logit_fusion.report_to_proto, logit_fusion.availability, logit_fusion.resolve),
     Strategy("refusal_steering", TOKEN_LEVEL, RefusalSteeringParams, refusal.from_proto,
              refusal.report_to_proto, refusal.availability, refusal.resolve, prepare=refusal.prepare),
+    Strategy("entropy_switch", TOKEN_LEVEL, EntropySwitchParams, entropy_switch.from_proto,
+             entropy_switch.report_to_proto, entropy_switch.availability, entropy_switch.resolve),
 )}
 _BY_PARAMS = {s.params_type: s for s in REGISTRY.values()}
 
@@ -77,8 +79,8 @@ def availability(group: GroupSpec) -> dict[str, str | None]:
 class PlanResolver:
     """Turns a request's token-level strategy into a PlanSpec for one group, with the group's tokenizer."""
 
-    def __init__(self, group: GroupSpec, tokenizer, max_model_len: int):
-        self.context = PlanContext(group, tokenizer, max_model_len)
+    def __init__(self, group: GroupSpec, tokenizer, max_model_len: int, models: dict[str, ModelSpec]):
+        self.context = PlanContext(group, tokenizer, max_model_len, models)
         for field, entry in REGISTRY.items():
             if entry.prepare is not None:
                 self.context.prepared[field] = entry.prepare(self.context)

@@ -37,6 +37,7 @@ MODES = {
                                                                   threshold=0.0)),
     "refusal-logit-bias": dict(refusal_steering=pb.RefusalSteering(mode=pb.RefusalSteering.MODE_LOGIT_BIAS,
                                                                    bias=-5.0)),
+    "entropy-switch": dict(entropy_switch=pb.EntropySwitch(trace=True)),
 }
 
 
@@ -72,6 +73,14 @@ def test_every_strategy_and_mode_answers_with_its_report(strategy_runs):
     assert alone["refusal-threshold"].text.startswith(("I'm sorry", "I cannot", "Sorry", "Unfortunately"))
     assert 0 <= refusal.probabilities["refuse"] <= 1
     assert alone["refusal-logit-bias"].report.refusal_steering.decision == "respond"
+    switch = alone["entropy-switch"].report.entropy_switch
+    assert (switch.small, switch.steps, len(switch.trace)) == ("exit8", TOKENS, TOKENS)
+    assert switch.large_tokens == sum(s.large for s in switch.trace)
+    assert switch.large_fraction == pytest.approx(switch.large_tokens / TOKENS)
+    assert 0 < switch.parameter_ratio < 1 and switch.threshold > 0
+    assert switch.compute_saved == pytest.approx(1 - (switch.large_fraction + (1 - switch.large_fraction)
+                                                      * switch.parameter_ratio), abs=1e-5)
+    assert all(s.entropy >= 0 for s in switch.trace)
 
 
 def test_strategies_mixed_with_plain_requests_equal_their_solo_runs(strategy_runs):
@@ -109,7 +118,11 @@ def test_neutral_knobs_reduce_to_plain_greedy(stub):
     (dict(contrastive=pb.ContrastiveDecoding(mode=pb.ContrastiveDecoding.MODE_USCD, contrast_context=pb.Context(
         prompt="Answer.", messages=[pb.ChatMessage(role="user", content="Answer.")]))),
      grpc.StatusCode.INVALID_ARGUMENT, "contrastive.contrast_context"),
-    (dict(entropy_switch=pb.EntropySwitch()), grpc.StatusCode.UNIMPLEMENTED, "strategy 'entropy_switch'"),
+    (dict(entropy_switch=pb.EntropySwitch(window=0)), grpc.StatusCode.INVALID_ARGUMENT, "entropy_switch.window"),
+    (dict(entropy_switch=pb.EntropySwitch(min_span=-1)), grpc.StatusCode.INVALID_ARGUMENT, "entropy_switch.min_span"),
+    (dict(entropy_switch=pb.EntropySwitch(threshold=float("nan"))), grpc.StatusCode.INVALID_ARGUMENT,
+     "entropy_switch.threshold"),
+    (dict(entropy_switch=pb.EntropySwitch(small="gpt-5")), grpc.StatusCode.INVALID_ARGUMENT, "entropy_switch.small"),
     (dict(best_of_n=pb.BestOfN()), grpc.StatusCode.UNIMPLEMENTED, "strategy 'best_of_n'"),
 ])
 def test_bad_strategy_knobs_are_refused_with_a_usable_message(stub, fields, code, field):
@@ -122,18 +135,19 @@ def test_bad_strategy_knobs_are_refused_with_a_usable_message(stub, fields, code
 def test_list_models_reports_strategies_and_guides(stub):
     models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
     support = {s.strategy: s for s in models[BASE].strategies}
-    for strategy in ("plain", "contrastive", "logit_fusion", "refusal_steering"):
+    for strategy in ("plain", "contrastive", "logit_fusion", "refusal_steering", "entropy_switch"):
         assert support[strategy].available, strategy
-    for strategy in ("entropy_switch", "best_of_n", "rerank"):
+    for strategy in ("best_of_n", "rerank"):
         assert not support[strategy].available and support[strategy].reason
-    assert models["exit8"].role == "amateur" and models["concise"].role == "expert:concise"
+    assert models["exit8"].role == "amateur,small" and models["concise"].role == "expert:concise"
     assert models["self"].role == "small_base"
 
 
-def test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only(strategy_runs, stub):
+@pytest.mark.parametrize("mode", ["cd", "entropy-switch"])
+def test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only(mode, strategy_runs, stub):
     alone = strategy_runs[0]
-    messages = list(stub.GenerateStream(chat(**MODES["cd"]), timeout=300))
-    unary, last = alone["cd"], messages[-1]
+    messages = list(stub.GenerateStream(chat(**MODES[mode]), timeout=300))
+    unary, last = alone[mode], messages[-1]
     assert len(messages) > 1
     assert "".join(m.text for m in messages) == unary.text
     assert [t for m in messages for t in m.token_ids] == list(unary.token_ids)
@@ -147,7 +161,7 @@ def test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_mes
 # same tokens as plain greedy (a knob that did not arrive would leave the default's contrast), other tokens, or the
 # report. Short completions, all requests at once.
 KNOB_TOKENS = 4
-C, F, R = pb.ContrastiveDecoding, pb.LogitFusion, pb.RefusalSteering
+C, F, R, E = pb.ContrastiveDecoding, pb.LogitFusion, pb.RefusalSteering, pb.EntropySwitch
 PREFIXES = [pb.RefusalPrefix(category="apology", text="Sorry"), pb.RefusalPrefix(category="apology", text="I'm sorry"),
             pb.RefusalPrefix(category="decline", text="Unfortunately")]
 KNOBS = {
@@ -185,6 +199,11 @@ KNOBS = {
                                                categories=["apology"])),
     "refusal-decline": dict(refusal_steering=R(mode=R.MODE_THRESHOLD, threshold=0.0, refusal_prefixes=PREFIXES,
                                                categories=["decline"])),
+    # The large model (the base) from the start and never left: plain greedy.
+    "switch-large": dict(entropy_switch=E(threshold=float("-inf"), min_span=0, start=E.START_LARGE)),
+    # The small model throughout (the guide named), then the large one after a span of 2.
+    "switch-small": dict(entropy_switch=E(threshold=float("inf"), small="exit8", trace=True)),
+    "switch-span": dict(entropy_switch=E(threshold=float("-inf"), window=1, min_span=2, trace=True)),
 }
 
 
@@ -201,7 +220,8 @@ def test_every_strategy_knob_at_a_non_default_value_is_accepted_and_takes_effect
     tokens = {name: run.token_ids for name, run in runs.items()}
     report = {name: getattr(run.report, run.report.WhichOneof("report") or "contrastive") for name, run in runs.items()}
 
-    for name in ("cd-alpha", "uscd-threshold", "uscd-lame-weight", "uscd-eta", "steer-neutral", "fusion-grid-zero"):
+    for name in ("cd-alpha", "uscd-threshold", "uscd-lame-weight", "uscd-eta", "steer-neutral", "fusion-grid-zero",
+                 "switch-large"):
         assert tokens[name] == plain, name
     for name in ("cd-self", "steer-gamma"):
         assert tokens[name] != plain, name
@@ -241,6 +261,12 @@ def test_every_strategy_knob_at_a_non_default_value_is_accepted_and_takes_effect
     assert (report[f"refusal-{top}"].decision, report[f"refusal-{top}"].category) == ("refuse", top)
     assert report[f"refusal-{other}"].decision == "none" and tokens[f"refusal-{other}"] == plain
     assert runs[f"refusal-{top}"].text.startswith(("Sorry", "I'm sorry", "Unfortunately"))
+
+    assert report["switch-large"].large_tokens == KNOB_TOKENS and not report["switch-large"].trace
+    assert [s.large for s in report["switch-small"].trace] == [False] * KNOB_TOKENS
+    assert report["switch-small"].small == "exit8" and tokens["switch-small"] != plain
+    assert [s.large for s in report["switch-span"].trace] == [False, False, True, True]
+    assert report["switch-span"].large_catch_up_tokens == 2 and report["switch-span"].switches == 1
 
 
 def test_cancelled_and_expired_strategy_requests_give_back_their_guide_slots(stub, server):
