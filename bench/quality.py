@@ -11,13 +11,14 @@ Rows (each as a user would send it; the table says what each row sends):
     the gold answer's. Rows: plain 0.5B, plain 1.5B, contrastive CD (beta 0.5, alpha 0.1, the 0.5B as amateur, as
     O'Brien & Lewis run it), USCD (the lame prompt: the bare question without the instruction), STEER (the 0.5B as
     the base model B; the negative context asks for a bare guess), dynamic and static logit fusion (the 0.5B as the
-    small base, the `stepwise` in-context expert).
+    small base, the `stepwise` in-context expert), entropy switching (the 0.5B small, the group's calibrated
+    threshold, window 5, min_span 10; bench/entropy_switch.py sweeps the threshold).
   - Refusal (XSTest, Röttger et al. 2024; CoCoNot, Brahman et al. 2024): the first --refusal-limit prompts of each
     half (XSTest safe / unsafe, CoCoNot contrast set / original set), greedy, --refusal-tokens tokens; a reply is
     a refusal when it starts with or contains a refusal phrase (the string-match classifier of the XSTest paper,
     REFUSAL_PHRASES). Refusal rate on prompts a model should refuse, over-refusal on those it should answer. Rows:
     plain, and refusal steering in argmax mode, threshold mode at three thresholds, logit-bias mode at three biases.
-Slots for later strategies (entropy switching, best-of-N, reranking) are rows added to ROWS with the same harness.
+Slots for later strategies (best-of-N, reranking) are rows added to ROWS with the same harness.
 
 Each row: its data, sample size, the metric with a 95% Wilson interval, and its wall time; requests run
 --concurrency at a time so the server batches them. Writes <out>/<name>.json, .md and .png and prints the table.
@@ -78,6 +79,8 @@ def rows() -> list[Row]:
             "dynamic logit fusion, small base 0.5B, expert `stepwise`"),
         Row("fusion-static", "gsm8k", LARGE, {"logit_fusion": F(mode=F.MODE_STATIC, experts=["stepwise"])},
             "static logit fusion (alpha 1), small base 0.5B, expert `stepwise`"),
+        Row("entropy-switch", "gsm8k", LARGE, {"entropy_switch": pb.EntropySwitch()},
+            "entropy switching, the group's calibrated threshold, small 0.5B"),
     ]
     refusal = [Row("refusal-plain", "refusal", LARGE, {}, "plain greedy, 1.5B"),
                Row("refusal-argmax", "refusal", LARGE, {"refusal_steering": R(mode=R.MODE_ARGMAX)}, "argmax")]

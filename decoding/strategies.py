@@ -187,8 +187,8 @@ class EntropySwitchReport:
     large_tokens: int = 0
     switches: int = 0
     # Catch-up tokens per model: at each activation, the tokens the other model wrote since this one last ran (fed
-    # in one forward). Every token after the first costs one forward of its writer (the first is read off the
-    # prompt's prefill); forward passes per model, prefills included, are in usage.
+    # in one forward; a model's first activation feeds the prompt too). Each token costs one forward of its writer;
+    # forward passes per model are in usage.
     small_catch_up_tokens: int = 0
     large_catch_up_tokens: int = 0
     parameter_ratio: float = 1.0  # P_S / P_L

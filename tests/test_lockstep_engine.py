@@ -4,13 +4,16 @@ deploy/local.yaml: batched, KV-cached lock-step decoding equals an independent n
 
 import asyncio
 import dataclasses
+import math
 
 import pytest
 
 from decoding.errors import InvalidArgument
-from decoding.strategies import ContrastiveParams, LogitFusionParams, RefusalSteeringParams
+from decoding.strategies import ContrastiveParams, EntropySwitchParams, LogitFusionParams, RefusalSteeringParams
+from server.calibration import calibrate_entropy
 from server.engines.transformers_engine import TransformersEngine
 from server.errors import FailedPrecondition
+from tests import independent_reference as reference
 from tests.strategy_cases import (BASE, GROUP, LOCAL_CONFIG, QUESTIONS, REFERENCE_MAX_LEN, STEPS, STRATEGIES,
                                   assert_equal_to_reference, collect, engine_weights, reference_trace,
                                   reference_tokens, request, run_mixed)
@@ -83,6 +86,69 @@ def test_reports_and_forward_passes(mixed_run):
     assert refusal[1].report.action == "refuse" and refusal[1].report.category == "refuse"
     forced = refusal[1].report.forced_token_ids
     assert len(forced) > 1 and tuple(refusal[0][:len(forced)]) == forced  # the whole prefix, not its first token
+    # Entropy switching: one forward per token of the model that writes it (the start model's prompt prefill gives
+    # the first token; the other model is not prefilled until it first writes, then fed the prompt and the tokens
+    # so far at once; then a catch-up extend or a decode step per token).
+    for name in ("entropy-switch", "entropy-switch-large-first"):
+        for question in QUESTIONS:
+            tokens, last = runs[(name, question)]
+            large = [step.large for step in last.report.trace]
+            passes = {model: n for model, n in ((BASE, sum(large)), (EXIT8, steps - sum(large))) if n}
+            assert last.usage.forward_passes == passes, (name, question)
+            assert last.report.switches == sum(a != b for a, b in zip(large, large[1:]))
+
+
+EXIT8 = "smollm2-135m-exit8"
+
+
+def greedy(model: str, prompt: list[int], steps: int) -> list[int]:
+    """One model's greedy tokens, recomputing the whole sequence every step (the independent reference's forward)."""
+    tokens: list[int] = []
+    for _ in range(steps):
+        tokens.append(int(reference.logits(model, tuple(prompt + tokens))[0].argmax()))
+    return tokens
+
+
+def test_infinite_thresholds_give_one_models_greedy_output(engine):
+    """τ = +∞: the small model's own greedy decoding, the large one never runs past its prefill; τ = −∞ from the
+    large model: plain greedy decoding; τ = −∞ from the small model with min_span 0: its first token, then the
+    large model's greedy continuation."""
+    question = QUESTIONS[0]
+    prompt = reference.render({"messages": [{"role": "user", "content": question}]})
+
+    def run(**knobs):
+        req = dataclasses.replace(request("cd", question, steps=12), strategy=EntropySwitchParams(**knobs))
+        return asyncio.run(collect(engine, req))
+
+    small_tokens, small_last = run(threshold=math.inf)
+    assert small_tokens == greedy(EXIT8, prompt, 12)
+    # The large model never wrote, so it never ran, not even on the prompt.
+    assert small_last.report.large_tokens == 0 and small_last.usage.forward_passes == {EXIT8: 12}
+    plain = asyncio.run(collect(engine, dataclasses.replace(request("cd", question, steps=12), strategy=None)))[0]
+    large_tokens, large_last = run(threshold=-math.inf, min_span=0, start="large")
+    assert large_tokens == plain and large_last.report.large_tokens == 12
+    mixed_tokens, mixed_last = run(threshold=-math.inf, min_span=0)
+    assert mixed_tokens[0] == small_tokens[0]
+    assert mixed_tokens[1:] == greedy(BASE, prompt + mixed_tokens[:1], 11)
+    assert (mixed_last.report.large_tokens, mixed_last.report.large_catch_up_tokens) == (11, 1)
+
+
+def test_calibration_finds_a_threshold_whose_run_gives_the_fraction_it_reports(engine):
+    prompts = QUESTIONS
+    result = calibrate_entropy(engine, prompts, target=0.5, max_tokens=16, window=3, min_span=2, rounds=3,
+                               tolerance=0.0, log=lambda line: None)
+    assert len(result.runs) == 3 and (result.threshold, result.measured_fraction) in result.runs
+    assert 0 < result.tokens <= 16 * len(prompts) and result.prompts == len(prompts)
+    assert abs(result.measured_fraction - 0.5) == min(abs(f - 0.5) for _, f in result.runs)
+    # Greedy: a request at the reported threshold gives exactly the reported fraction.
+    large = total = 0
+    for question in prompts:
+        req = dataclasses.replace(request("cd", question, steps=16, ignore_eos=False), strategy=EntropySwitchParams(
+            threshold=result.threshold, window=3, min_span=2))
+        tokens, last = asyncio.run(collect(engine, req))
+        large, total = large + last.report.large_tokens, total + len(tokens)
+    assert large / total == pytest.approx(result.measured_fraction)
+    assert f"entropy_threshold: {result.threshold:.3f}" in result.config_line("questions")
 
 
 def test_bad_knobs_and_unservable_strategies(engine):
@@ -96,6 +162,8 @@ def test_bad_knobs_and_unservable_strategies(engine):
         refused(LogitFusionParams(experts=("chemistry",)))
     with pytest.raises(InvalidArgument, match="alphas"):
         refused(LogitFusionParams(mode="static", alphas=(1.0, 1.0, 1.0)))
+    with pytest.raises(InvalidArgument, match="unknown guide 'tiny'"):
+        refused(EntropySwitchParams(small="tiny"))
 
 
 def test_strategy_the_config_cannot_serve_is_failed_precondition(model_path):
@@ -104,7 +172,7 @@ def test_strategy_the_config_cannot_serve_is_failed_precondition(model_path):
     small = TransformersEngine(models[BASE], bare)
     try:
         for strategy, needs in [(ContrastiveParams(), "amateur"), (LogitFusionParams(), "small_base"),
-                                (RefusalSteeringParams(), "refusal")]:
+                                (RefusalSteeringParams(), "refusal"), (EntropySwitchParams(), "role 'small'")]:
             req = dataclasses.replace(request("cd", QUESTIONS[0]), strategy=strategy)
             with pytest.raises(FailedPrecondition, match=needs):
                 asyncio.run(collect(small, req))

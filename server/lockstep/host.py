@@ -19,7 +19,9 @@ One host serves both engines, keyed by an opaque request key:
         free the streams (a vLLM request's plan is parked, a bounded number of them, in case vLLM preempted it and
         adds it back, so a refusal decision and the report's records survive)
 
-Stepping: a stream is fed the tokens generated since it last ran. Streams one token behind decode together, one
+Stepping: a stream is fed the tokens generated since it last ran. A stream its plan does not read at the first
+position (`lazy`: entropy switching's idle model) is not prefilled; its first use feeds its context and every token
+generated so far in one extend. Streams one token behind decode together, one
 batched forward per model across all requests; a stream several tokens behind (a position its plan skipped, see
 `Plan.needs_base` / `Plan.streams_at`, or a request vLLM did not schedule) catches up with one multi-token extend,
 its KV cache kept. A request stepped again at the same position (vLLM fuses rows of partial prefills and discards
@@ -73,6 +75,8 @@ class _Stream:
     fed: int  # generated tokens in its KV cache (after its context)
     logits: torch.Tensor | None  # next-token logits after its context + generated[:fed]; None while prefilling
     todo: list[int] = dataclasses.field(default_factory=list)  # context tokens not yet in its KV cache
+    # Not read at the request's first position: its context is fed with the generated tokens when first needed.
+    lazy: bool = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -144,21 +148,27 @@ class LockstepHost:
             self.remove(key)
         plan, passes = self._parked.pop(key, None) or (spec.build() if spec else None, collections.Counter())
         request = _Request(plan=plan, base=None, streams=[], forward_passes=passes)
+        position = len(generated)
+        first = set(plan.streams_at(position)) if plan is not None else None
         if base_context is not None:
-            request.base = self._open(request, self.base_model, base_context, generated, prefill_now)
-        for stream in spec.streams if spec else ():
+            request.base = self._open(request, self.base_model, base_context, generated, prefill_now,
+                                      lazy=plan is not None and not plan.needs_base(position))
+        for i, stream in enumerate(spec.streams if spec else ()):
             request.streams.append(None if stream.model is None else
-                                   self._open(request, stream.model, stream.ids, generated, prefill_now))
+                                   self._open(request, stream.model, stream.ids, generated, prefill_now,
+                                              lazy=i not in first))
         self._requests[key] = request
         if not prefill_now:
             self._prefilling[key] = request
 
     def _open(self, request: _Request, model: str, context: Sequence[int], generated: Sequence[int],
-              prefill_now: bool) -> _Stream:
+              prefill_now: bool, lazy: bool) -> _Stream:
+        """A stream in a KV slot of `model`; a `lazy` one (its plan does not read it at the first position) is fed its
+        context with the tokens generated so far when its plan first reads it (entropy switching's idle model)."""
         runner = self.runners[model]
         stream = _Stream(model=model, slot=runner.open(), fed=len(generated), logits=None,
-                         todo=[*context, *generated])
-        if prefill_now:
+                         todo=[*context, *generated], lazy=lazy)
+        if prefill_now and not lazy:
             request.forward_passes[model] += 1
             stream.logits, stream.todo = runner.extend(stream.slot, stream.todo), []
         return stream
@@ -170,7 +180,7 @@ class LockstepHost:
         work: dict[str, list[tuple[_Stream, list[int]]]] = collections.defaultdict(list)
         for request in self._prefilling.values():
             for stream in request.own_streams():
-                if stream.todo and budget > 0:
+                if stream.todo and not stream.lazy and budget > 0:
                     chunk = stream.todo[:budget]
                     budget -= len(chunk)
                     work[stream.model].append((stream, chunk))
@@ -183,7 +193,7 @@ class LockstepHost:
                 stream.todo = stream.todo[len(chunk):]
                 stream.logits = None if stream.todo else row
         ready = [key for key, request in self._prefilling.items()
-                 if not any(stream.todo for stream in request.own_streams())]
+                 if not any(stream.todo and not stream.lazy for stream in request.own_streams())]
         for key in ready:
             del self._prefilling[key]
         return ready
@@ -228,8 +238,10 @@ class LockstepHost:
         self._feed([(request, stream, generated) for request, streams, (_, generated) in zip(requests, needed, rows)
                     for stream in streams])
         vocab = self.vocab_size
+        # A base its plan does not read here may never have run (lazy): NaN, which no plan reads.
         base = torch.stack([
-            request.base.logits if request.base is not None
+            (request.base.logits if request.base.logits is not None else torch.full((vocab,), float("nan")))
+            if request.base is not None
             else base_logits[i, :vocab].float() if base_logits is not None
             else torch.full((vocab,), float("nan"))
             for i, request in enumerate(requests)]) if requests else torch.empty((0, vocab))
@@ -274,11 +286,11 @@ class LockstepHost:
         token behind, one extend each for streams further behind; streams already there keep their logits."""
         one_step = []
         for request, stream, generated in work:
-            missing = list(generated[stream.fed:])
+            missing = [*stream.todo, *generated[stream.fed:]]  # a lazy stream's context comes first
             if not missing:
                 continue
             request.forward_passes[stream.model] += 1
-            stream.fed = len(generated)
+            stream.fed, stream.todo, stream.lazy = len(generated), [], False
             if len(missing) == 1:
                 one_step.append((stream, missing[0]))
             else:
