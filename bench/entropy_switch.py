@@ -2,7 +2,7 @@
 running server, a threshold sweep beside large-only and small-only decoding of the same requests.
 
     .venv/bin/python -m bench.entropy_switch [--config deploy/local.yaml] [--limit 50] [--tokens 128]
-        [--scales 0.25 0.5 1 2 4] [--thresholds ...] [--concurrency 16] [--no-loglik] [--name entropy-switch]
+        [--scales 0.5 0.75 1 1.5 2] [--thresholds ...] [--concurrency 16] [--no-loglik] [--name entropy-switch]
     make bench-entropy-switch          # deploy/local.yaml, then deploy/local-pair.yaml (smaller: see the Makefile)
 
 Requests: the first --limit GSM8K problems (Cobbe et al. 2021) with the quality benchmark's zero-shot prompt
@@ -106,8 +106,9 @@ def large_loglik(path: str, prompts: list[str], replies: list[list[int]]) -> flo
     for question, reply in zip(prompts, replies):
         if not reply:
             continue
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{GSM8K_INSTRUCTION}\n\n{question}"}],
-                                               add_generation_prompt=True, tokenize=True)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": f"{GSM8K_INSTRUCTION}\n\n{question}"}],
+                                             add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prompt + reply])
         with torch.inference_mode():
             logits = model(ids).logits[0, len(prompt) - 1:-1].float()
@@ -138,7 +139,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["points"]
+    rows = sorted(report["points"], key=lambda r: r["large_fraction"])
     x = [r["large_fraction"] for r in rows]
     panels = [("speedup", "speed-up over large-only (tok/s)"), ("accuracy", "GSM8K accuracy"),
               ("agreement_prefix", "agreement with large-only (prefix share)")]
@@ -164,7 +165,7 @@ def main() -> int:
                         help="the data folder (gsm8k/test_shared.jsonl)")
     parser.add_argument("--limit", type=int, default=50, help="GSM8K problems per point")
     parser.add_argument("--tokens", type=int, default=128, help="max tokens per reply")
-    parser.add_argument("--scales", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0, 4.0],
+    parser.add_argument("--scales", type=float, nargs="*", default=[0.5, 0.75, 1.0, 1.5, 2.0],
                         help="thresholds as multiples of the group's entropy_threshold")
     parser.add_argument("--thresholds", type=float, nargs="*", default=[], help="thresholds in bits (override)")
     parser.add_argument("--concurrency", type=int, default=16)
@@ -208,6 +209,8 @@ def main() -> int:
     for r in results:
         r["speedup"] = r["tokens_per_s"] / baseline["tokens_per_s"]
         r["agreement_prefix"], r["agreement_exact"] = agreement(r["token_ids"], baseline["token_ids"])
+    # The measured points first, replies included, so a failure of the log-likelihood pass loses nothing.
+    (args.out / f"{args.name}-replies.json").write_text(json.dumps(results))
     if args.loglik:
         progress.begin("the large model's log-likelihood of every point's replies (in-process)")
         from server.models import resolve_model_path

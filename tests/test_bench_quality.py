@@ -1,4 +1,5 @@
-"""The quality benchmark's scoring (bench/quality.py): GSM8K's final number, the refusal string match, the interval."""
+"""The quality benchmarks' scoring (bench/quality.py: GSM8K's final number, the refusal string match, the interval;
+bench/entropy_switch.py: the threshold points and the agreement with large-only output)."""
 
 import math
 
@@ -38,3 +39,16 @@ def test_wilson_interval():
 def test_every_row_has_a_unique_name_and_a_known_task():
     names = [r.name for r in rows()]
     assert len(names) == len(set(names)) and {r.task for r in rows()} == {"gsm8k", "refusal"}
+
+
+def test_entropy_switch_bench_points_and_agreement():
+    from bench.entropy_switch import agreement, points
+
+    sweep = points([0.5, 2.0], [], default=0.8)
+    assert [p["name"] for p in sweep] == ["large-only", "tau=0.4", "tau=1.6", "small-only"]
+    assert sweep[0]["knobs"] == {"threshold": -math.inf, "min_span": 0, "start": "START_LARGE"}
+    assert [p["threshold"] for p in points([], [1.0], default=None)] == [-math.inf, 1.0, math.inf]
+    # Shares of each reference reply before the first difference: 2/4 and 3/3; one exact match.
+    assert agreement([[1, 2, 9, 9], [5, 6, 7]], [[1, 2, 3, 4], [5, 6, 7]]) == (0.75, 0.5)
+    with pytest.raises(SystemExit, match="--thresholds"):
+        points([1.0], [], default=None)

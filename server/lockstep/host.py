@@ -21,11 +21,11 @@ One host serves both engines, keyed by an opaque request key:
 
 Stepping: a stream is fed the tokens generated since it last ran. A stream its plan does not read at the first
 position (`lazy`: entropy switching's idle model) is not prefilled; its first use feeds its context and every token
-generated so far in one extend. Streams one token behind decode together, one
-batched forward per model across all requests; a stream several tokens behind (a position its plan skipped, see
-`Plan.needs_base` / `Plan.streams_at`, or a request vLLM did not schedule) catches up with one multi-token extend,
-its KV cache kept. A request stepped again at the same position (vLLM fuses rows of partial prefills and discards
-their tokens) reuses its streams' logits. Plans of one class fuse their rows in one call (`Plan.step_rows`).
+generated so far in one extend. Streams one token behind decode together, one batched forward per model across all
+requests; a stream several tokens behind (a position its plan skipped, see `Plan.needs_base` / `Plan.streams_at`,
+or a request vLLM did not schedule) catches up in a multi-token extend, its KV cache kept, all such streams of a
+model in one ragged forward. A request stepped again at the same position (vLLM fuses rows of partial prefills and
+discards their tokens) reuses its streams' logits. Plans of one class fuse their rows in one call (`Plan.step_rows`).
 
 Capacity is checked here for both engines: `unservable` says why a request could never be hosted (more slots on a
 model than it has: FAILED_PRECONDITION), `fits` whether its slots are free now (the transformers engine keeps the
@@ -283,8 +283,10 @@ class LockstepHost:
 
     def _feed(self, work: list[tuple[_Request, _Stream, Sequence[int]]]) -> None:
         """Brings each stream up to its request's generated tokens: one batched decode per model for streams one
-        token behind, one extend each for streams further behind; streams already there keep their logits."""
+        token behind, one ragged extend per model for the streams further behind (catch-ups); streams already there
+        keep their logits."""
         one_step = []
+        behind: dict[str, list[tuple[_Stream, list[int]]]] = collections.defaultdict(list)
         for request, stream, generated in work:
             missing = [*stream.todo, *generated[stream.fed:]]  # a lazy stream's context comes first
             if not missing:
@@ -294,7 +296,11 @@ class LockstepHost:
             if len(missing) == 1:
                 one_step.append((stream, missing[0]))
             else:
-                stream.logits = self.runners[stream.model].extend(stream.slot, missing)
+                behind[stream.model].append((stream, missing))
+        for model, streams in behind.items():
+            logits = self.runners[model].extend_many([s.slot for s, _ in streams], [tokens for _, tokens in streams])
+            for (stream, _), row in zip(streams, logits):
+                stream.logits = row
         decoded = decode_streams(self.runners, [(s.model, s.slot, token) for s, token in one_step])
         for (stream, _), logits in zip(one_step, decoded):
             stream.logits = logits
