@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from decoding.best_of_n import SELECTIONS, TEMPLATES, VERDICTS, Bracket
 from decoding.chat import ChatMessage
 from decoding.errors import InvalidArgument
 from decoding.refusal import RefusalParams
@@ -139,7 +140,53 @@ class EntropySwitchParams:
         return self
 
 
-Strategy = ContrastiveParams | LogitFusionParams | RefusalSteeringParams | EntropySwitchParams
+TokenLevelStrategy = ContrastiveParams | LogitFusionParams | RefusalSteeringParams | EntropySwitchParams
+
+
+@dataclasses.dataclass(frozen=True)
+class BestOfNParams:
+    """Best-of-N (decoding/best_of_n.py). Request-level: candidates are whole samples, the judge compares them."""
+    n: int = 4
+    # The candidates' sampling: these (field, value) pairs replace the request's own `sampling` fields; a request
+    # that is greedy and sets no candidate temperature samples its candidates at temperature 0.7.
+    sampling_overrides: tuple[tuple[str, object], ...] = ()
+    # The judge's guide (role judge); "" = the group's first judge guide, else the base model itself.
+    judge: str = ""
+    # "generate" or "score"; None = "generate" for knockout, "score" for pointwise (which reads probabilities).
+    verdict: str | None = None
+    both_orders: bool = False
+    selection: str = "knockout"
+    template: str = "math"
+    # Seeds the candidates (sample i: seed + i) and the bracket's coins; None = the request's seed, else drawn.
+    seed: int | None = None
+    # Tokens the judge may write per comparison (GENERATE); None = the group's limit.
+    judge_max_tokens: int | None = None
+    # A token-level strategy every candidate is decoded with; None = plain sampling.
+    candidates: TokenLevelStrategy | None = None
+
+    DEFAULT_CANDIDATE_TEMPERATURE = 0.7
+
+    @property
+    def verdict_mode(self) -> str:
+        return self.verdict or ("score" if self.selection == "pointwise" else "generate")
+
+    def validate(self) -> "BestOfNParams":
+        f = "best_of_n."
+        _check(f + "n", isinstance(self.n, int) and self.n >= 1, f"must be >= 1, got {self.n}")
+        _check(f + "judge_max_tokens", self.judge_max_tokens is None or self.judge_max_tokens >= 1,
+               f"must be >= 1, got {self.judge_max_tokens}")
+        _check(f + "selection", self.selection in SELECTIONS, f"must be one of {SELECTIONS}")
+        _check(f + "template", self.template in TEMPLATES, f"must be one of {TEMPLATES}")
+        if self.verdict is not None:
+            _check(f + "verdict", self.verdict in VERDICTS, f"must be one of {VERDICTS}")
+            _check(f + "verdict", not (self.selection == "pointwise" and self.verdict == "generate"),
+                   "pointwise selection reads the judge's probability of Correct: leave verdict unset or send SCORE")
+        _check(f + "both_orders", not (self.both_orders and self.selection == "pointwise"),
+               "pointwise selection shows one response at a time: there is no order to balance")
+        return self
+
+
+Strategy = TokenLevelStrategy | BestOfNParams
 
 
 @dataclasses.dataclass
@@ -199,4 +246,38 @@ class EntropySwitchReport:
         return self.large_tokens / self.steps if self.steps else 0.0
 
 
-Report = ContrastiveReport | LogitFusionReport | RefusalReport | EntropySwitchReport
+@dataclasses.dataclass
+class BestOfNCandidate:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    # The final answer that put it in a team (math template), None when it has none.
+    answer: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BestOfNProgress:
+    """A finished phase, streamed before the winner: "candidates", "round" (knockout) or "scored" (pointwise)."""
+    phase: str
+    round: int = 0
+    remaining: int = 0
+    judge_calls: int = 0
+
+
+@dataclasses.dataclass
+class BestOfNReport:
+    selection: str
+    verdict: str
+    both_orders: bool
+    template: str
+    judge: str  # the judge's guide, or the base model's name when the base judges without a guide
+    seed: int
+    candidates: list[BestOfNCandidate]
+    winner: int
+    judge_calls: int = 0
+    judge_tokens: int = 0  # tokens the judge wrote (GENERATE; SCORE writes none)
+    bracket: Bracket | None = None  # knockout
+    pointwise_scores: list[float] = dataclasses.field(default_factory=list)  # pointwise
+
+
+Report = ContrastiveReport | LogitFusionReport | RefusalReport | EntropySwitchReport | BestOfNReport

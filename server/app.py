@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from server.config import ChorusConfig, parse_chorus_config
 from server.engines.base import GenerationChunk, GenerationRequest
 from server.errors import ChorusError, Unavailable, status_code_name
+from server.strategies import registry
 
 log = logging.getLogger("ray.serve")
 
@@ -55,7 +56,8 @@ def make_engine(config: ChorusConfig, group_name: str):
 
 @serve.deployment(name="group", max_ongoing_requests=1024)
 class ModelGroup:
-    """Hosts one group's models (the base and, with token-level strategies, its guides) in each replica."""
+    """Hosts one group's models (the base and, with token-level strategies, its guides) in each replica, and runs
+    request-level strategies (best-of-N) over them."""
 
     def __init__(self, args: dict, group_name: str):
         self._config = parse_chorus_config(args)
@@ -64,7 +66,7 @@ class ModelGroup:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk | RemoteError]:
         try:
-            async with contextlib.aclosing(self._engine.generate(request)) as chunks:
+            async with contextlib.aclosing(registry.generate(self._engine, self._group, request)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         except Exception as error:

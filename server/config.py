@@ -43,7 +43,7 @@ class ModelSpec:
     early_exit_layers: int | None = None
 
 
-GUIDE_ROLES = ("amateur", "small_base", "small")  # and "expert:<task>"
+GUIDE_ROLES = ("amateur", "small_base", "small", "judge")  # and "expert:<task>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,8 @@ class GuideSpec:
 
     Roles: `amateur` (contrastive decoding's weak model), `small_base` (logit fusion's small base S; STEER's base
     model B), `expert:<task>` (a logit-fusion expert S_t, fine-tuned from small_base or made by its system prompt),
-    `small` (entropy switching's small model, which writes while it is sure).
+    `small` (entropy switching's small model, which writes while it is sure), `judge` (best-of-N's judge; it runs on
+    the base model itself, under its system prompt if it has one).
     """
     name: str
     model: str
@@ -76,6 +77,17 @@ class RefusalSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class BestOfNSpec:
+    """Limits on best-of-N requests (request-level: candidates and judge calls run on the group's base model)."""
+    # Candidates per request (the request's `n`, default 4, may not exceed it).
+    max_n: int = 8
+    # Tokens the judge may write per comparison (GENERATE verdicts), also capped by the context left after its prompt.
+    judge_max_tokens: int = 512
+    # A request's worst case: n × the candidates' max_tokens + the judge calls it may make × judge_max_tokens.
+    max_total_tokens: int = 32768
+
+
+@dataclasses.dataclass(frozen=True)
 class GroupSpec:
     """A base model and its guides, hosted together in each replica of one Serve deployment."""
     name: str
@@ -95,6 +107,7 @@ class GroupSpec:
     # Entropy switching's default threshold (bits) for this group's `small` guide and base; `chorus
     # calibrate-entropy` prints one for a target large-model fraction. None: requests must send a threshold.
     entropy_threshold: float | None = None
+    best_of_n: BestOfNSpec = BestOfNSpec()
 
     def guides_with_role(self, role: str) -> list[GuideSpec]:
         return [g for g in self.guides.values() if role in g.roles]
@@ -204,12 +217,15 @@ def _parse_group(name: str, raw: Any) -> GroupSpec:
         raw = dict(raw)
         guides = raw.pop("guides", None) or {}
         refusal = raw.pop("refusal", None)
+        best_of_n = raw.pop("best_of_n", None)
         if not isinstance(guides, dict):
             raise ConfigError(f"{where}.guides: expected a mapping of guide name to guide")
         raw["guides"] = {g: _build(GuideSpec, f"{where}.guides.{g}", _tuple_roles(graw), name=g)
                          for g, graw in guides.items()}
         if refusal is not None:
             raw["refusal"] = _parse_refusal(f"{where}.refusal", refusal)
+        if best_of_n is not None:
+            raw["best_of_n"] = _parse_best_of_n(f"{where}.best_of_n", best_of_n)
     return _build(GroupSpec, where, raw, name=name)
 
 
@@ -230,9 +246,22 @@ def _check_guide(where: str, guide: GuideSpec, models: dict[str, ModelSpec], bas
                           f"{models[guide.model].engine!r}")
     if not guide.roles or not isinstance(guide.roles, tuple):
         raise ConfigError(f"{where}.roles: a list of at least one role: {GUIDE_ROLES} or 'expert:<task>'")
+    if "judge" in guide.roles and guide.model != base:
+        raise ConfigError(f"{where}.roles: a judge runs on the group's base model {base!r} (with its own system "
+                          f"prompt if it needs one); {guide.model!r} is another model, and judges on other models "
+                          "are not built yet")
     for role in guide.roles:
         if role not in GUIDE_ROLES and not (role.startswith("expert:") and len(role) > len("expert:")):
             raise ConfigError(f"{where}.roles: {role!r} is not one of {GUIDE_ROLES} or 'expert:<task>'")
+
+
+def _parse_best_of_n(where: str, raw: Any) -> BestOfNSpec:
+    spec = _build(BestOfNSpec, where, raw)
+    for field in ("max_n", "judge_max_tokens", "max_total_tokens"):
+        value = getattr(spec, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}.{field}: a whole number >= 1, got {value!r}")
+    return spec
 
 
 def _parse_refusal(where: str, raw: Any) -> RefusalSpec:

@@ -67,6 +67,10 @@ def report_proto(field: str, report) -> pb.StrategyReport:
     return pb.StrategyReport(**{field: registry.strategy(field).report_to_proto(report)})
 
 
+def progress_proto(field: str, progress) -> pb.StrategyProgress:
+    return pb.StrategyProgress(**{field: registry.strategy(field).progress_to_proto(progress)})
+
+
 def to_generation_request(proto: pb.GenerateRequest, request_id: str, deadline: float | None
                           ) -> GenerationRequest:
     if proto.prompt and proto.messages:
@@ -119,6 +123,8 @@ class DecodingService(pb_grpc.DecodingServicer):
             async for model, request_id, chunk in chunks:
                 message = pb.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids, request_id=request_id,
                                               model=model)
+                if chunk.progress is not None:
+                    message.progress.CopyFrom(progress_proto(request.WhichOneof("strategy"), chunk.progress))
                 if chunk.finish_reason is not None:
                     message.finish_reason = _FINISH[chunk.finish_reason]
                     message.usage.CopyFrom(_usage_proto(chunk))

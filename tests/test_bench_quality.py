@@ -1,24 +1,11 @@
-"""The quality benchmarks' scoring (bench/quality.py: GSM8K's final number, the refusal string match, the interval;
+"""The quality benchmarks' scoring (bench/quality.py: the refusal string match, the interval;
 bench/entropy_switch.py: the threshold points and the agreement with large-only output)."""
 
 import math
 
 import pytest
 
-from bench.quality import final_number, is_refusal, rows, wilson
-
-
-@pytest.mark.parametrize("text, number", [
-    ("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18", 18.0),
-    ("So the total is 1,200 dollars.\n#### 1,200", 1200.0),
-    ("The answer is 3.5.", 3.5),                      # no ####: the last number
-    ("First 2 apples, then 7 more, so 9 in all.", 9.0),
-    ("#### -4", -4.0),
-    ("#### 12 (twelve) and 13", 12.0),                # the first number after the last ####
-    ("no number here", None),
-])
-def test_final_number(text, number):
-    assert final_number(text) == number
+from bench.quality import is_refusal, rows, wilson
 
 
 def test_refusal_string_match():

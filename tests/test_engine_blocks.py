@@ -157,3 +157,16 @@ def assert_idle_with_free_slots(engine, timeout: float = 10.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"load {engine.load()}, free slots {runner(engine).free_slots} of {SLOTS}")
+
+
+def test_sample_n_holds_its_forks_slots_while_it_prefills(engine):
+    """A family of 6 admitted before 4 plain requests on 8 slots: the plain ones wait for slots instead of taking
+    the ones the forks open when the family's prefill completes (they once did, and the engine thread failed)."""
+    async def go():
+        family = engine.sample_n(chat("Name a fruit.", temperature=1.0, seed=1, max_tokens=6), 6)
+        plain = [collect(engine, chat(q, temperature=0, max_tokens=6)) for q in QUESTIONS[:4]]
+        return await asyncio.gather(family, *plain)
+
+    samples, *plain = asyncio.run(go())
+    assert len(samples) == 6 and all(len(s.token_ids) == 6 for s in samples)
+    assert [len(ids) for _, ids, _ in plain] == [6] * 4

@@ -10,13 +10,15 @@ from chorus.v1 import decoding_pb2 as pb
 from decoding.chat import ChatMessage
 from decoding.plans import ContrastivePlan, EntropySwitchPlan, LogitFusionPlan, PlanSpec, RefusalPlan
 from decoding.sampling import SamplingParams
-from decoding.strategies import (ContrastiveParams, ContrastiveReport, EntropySwitchParams, EntropySwitchReport,
+from decoding.best_of_n import Bracket, Judgement, Match
+from decoding.errors import InvalidArgument
+from decoding.strategies import (BestOfNCandidate, BestOfNParams, BestOfNProgress, BestOfNReport, ContrastiveParams, ContrastiveReport, EntropySwitchParams, EntropySwitchReport,
                                  EntropySwitchStep, LogitFusionParams, LogitFusionReport, RefusalReport,
                                  RefusalSteeringParams)
 from server.config import load_deploy_file, parse_chorus_config
 from server.engines.base import GenerationRequest
 from server.errors import FailedPrecondition, Unimplemented
-from server.service import API_STRATEGIES, report_proto, to_strategy
+from server.service import API_STRATEGIES, progress_proto, report_proto, to_strategy
 from server.strategies import registry
 
 CONFIG = load_deploy_file(Path(__file__).resolve().parents[1] / "deploy" / "local.yaml").chorus
@@ -46,12 +48,39 @@ def test_every_api_strategy_is_registered_or_unimplemented():
                 registry.strategy(field)
 
 
-@pytest.mark.parametrize("field", ["best_of_n"])
-def test_an_unregistered_strategy_in_a_request_is_unimplemented(field):
-    request = pb.GenerateRequest(prompt="hi")
-    getattr(request, field).SetInParent()
-    with pytest.raises(Unimplemented, match=f"strategy {field!r}"):
-        to_strategy(request)
+def test_best_of_n_converts_its_message_with_composed_candidates_report_and_progress():
+    request = pb.GenerateRequest(prompt="hi", best_of_n=pb.BestOfN(
+        n=3, seed=5, both_orders=True, verdict=pb.BestOfN.VERDICT_SCORE, template=pb.BestOfN.TEMPLATE_GENERAL,
+        sampling=pb.SamplingParams(temperature=0.9, max_tokens=12), contrastive=pb.ContrastiveDecoding(beta=0.25)))
+    params = to_strategy(request)
+    assert registry.strategy_of(params).kind == registry.REQUEST_LEVEL
+    assert (params.n, params.seed, params.both_orders, params.verdict, params.template) == (3, 5, True, "score",
+                                                                                            "general")
+    assert dict(params.sampling_overrides) == {"temperature": pytest.approx(0.9), "max_tokens": 12}
+    assert params.candidates == ContrastiveParams(beta=0.25)
+    bad = pb.GenerateRequest(prompt="hi", best_of_n=pb.BestOfN(contrastive=pb.ContrastiveDecoding(alpha=2)))
+    with pytest.raises(InvalidArgument) as error:
+        to_strategy(bad)
+    assert error.value.field == "best_of_n.contrastive.alpha"
+    bracket = Bracket(matches=[Match(1, 0, 1, 1, (Judgement(0, 1, 0.0, 1.0, "tags", 9),), 0.0, 1.0),
+                               Match(1, 2, 3, None)], byes=[(2, 4)], fallback_rounds=[], rounds=2, winner=1)
+    report = BestOfNReport(selection="knockout", verdict="generate", both_orders=False, template="math",
+                           judge="smollm2", seed=5, winner=1, judge_calls=1, judge_tokens=9, bracket=bracket,
+                           candidates=[BestOfNCandidate("x", [1], "stop", "4"), BestOfNCandidate("y", [2], "length",
+                                                                                               None)])
+    message = report_proto("best_of_n", report).best_of_n
+    assert (message.winner, message.judge_calls, message.rounds, message.candidates[0].answer) == (1, 1, 2, "4")
+    assert message.bracket[0].winner == 1 and not message.bracket[1].HasField("winner")
+    assert message.bracket[0].judgements[0].parse == "tags" and message.byes[0].candidate == 4
+    progress = progress_proto("best_of_n", BestOfNProgress("round", round=1, remaining=2, judge_calls=1))
+    assert progress.best_of_n.remaining == 2
+
+
+def test_the_resolver_refuses_a_request_level_strategy(tokenizer):
+    resolver = registry.PlanResolver(GROUP, tokenizer, 512, CONFIG.models)
+    request = GenerationRequest(request_id="r", sampling=SamplingParams(), prompt="hi", strategy=BestOfNParams())
+    with pytest.raises(Unimplemented, match="request-level"):
+        resolver.resolve(request, [1, 2])
 
 
 @pytest.mark.parametrize("field", list(PLANS))

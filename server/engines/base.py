@@ -45,6 +45,8 @@ class GenerationChunk:
     usage: Usage | None = None
     seed: int | None = None
     report: Report | None = None
+    # A request-level strategy's finished phase (best-of-N: candidates sampled, a round judged); no text.
+    progress: object | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,11 @@ class EngineLoad:
 
 
 class Engine(abc.ABC):
+    # The base model's tokenizer (transformers' AutoTokenizer, chat template included) and context length: what
+    # request-level strategies need to build prompts that fit.
+    tokenizer: object
+    max_model_len: int
+
     @abc.abstractmethod
     def info(self) -> EngineInfo: ...
 

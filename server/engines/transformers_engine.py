@@ -359,8 +359,9 @@ class TransformersEngine(Engine):
 
     def _admit(self) -> None:
         """Admits waiting sequences in order while their slots are free; their prompts (and their plans' contexts)
-        are prefilled in chunks by the following steps."""
-        while self._waiting and self._host.fits(self._waiting[0].slots):
+        are prefilled in chunks by the following steps. The forks of a sample_n family still prefilling open their
+        slots only when its prefill completes: those slots are held for them meanwhile."""
+        while self._waiting and self._host.fits(self._waiting[0].slots + self._held_for_forks()):
             leader = self._waiting.popleft()
             with self._lock:
                 self._pending -= 1
@@ -368,6 +369,9 @@ class TransformersEngine(Engine):
             leader.live = True
             self._live.append(leader)
             self._prefilling[leader.key] = leader
+
+    def _held_for_forks(self) -> collections.Counter:
+        return collections.Counter({self._host.base_model: sum(len(s.forks) for s in self._prefilling.values())})
 
     def _run_jobs(self) -> None:
         """Score and loglik jobs, in arrival order, batched into forwards of at most JOB_ROWS distributions."""
