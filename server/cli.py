@@ -1,7 +1,7 @@
 """`chorus`: serve a deploy file, call a running server, fetch the embedded models.
 
     chorus serve --config deploy/local.yaml          start Ray + the Serve app in the foreground
-    chorus generate "Hello" [--chat] [--stream]      one request against a running server
+    chorus generate "Hello" [--chat] [--stream] [--best-of-n N [--verbose]]   one request against a running server
     chorus models                                    the server's models and strategies
     chorus fetch-models [NAME ...] [--config FILE]   download and convert the embedded models once
     chorus install-target --config FILE              which Makefile install target a deploy file's engines need
@@ -164,6 +164,8 @@ def _cmd_generate(args) -> int:
         if value is not None:
             setattr(sampling, field, value)
     request = pb.GenerateRequest(model=args.model, sampling=sampling)
+    if args.best_of_n is not None:
+        request.best_of_n.CopyFrom(_best_of_n_message(args, pb))
     if args.chat:
         request.messages.append(pb.ChatMessage(role="user", content=args.prompt))
     else:
@@ -175,17 +177,59 @@ def _cmd_generate(args) -> int:
                 for message in stub.GenerateStream(request, timeout=args.timeout):
                     if args.json:
                         print(json_format.MessageToJson(message, indent=None), flush=True)
+                    elif message.HasField("progress") and args.verbose:
+                        progress = message.progress.best_of_n
+                        print(f"[best-of-n] {progress.phase} {progress.round or ''}: {progress.remaining} left, "
+                              f"{progress.judge_calls} judge calls", file=sys.stderr, flush=True)
                     else:
                         print(message.text, end="", flush=True)
+                    last = message
                 if not args.json:
                     print()
+                    if args.verbose and last.report.HasField("best_of_n"):
+                        print(_bracket_text(last.report.best_of_n), file=sys.stderr)
             else:
                 response = stub.Generate(request, timeout=args.timeout)
                 print(json_format.MessageToJson(response) if args.json else response.text)
+                if args.verbose and not args.json and response.report.HasField("best_of_n"):
+                    print(_bracket_text(response.report.best_of_n), file=sys.stderr)
         except grpc.RpcError as error:
             print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
     return 0
+
+
+def _best_of_n_message(args, pb):
+    message = pb.BestOfN(n=args.best_of_n, judge=args.judge or "", both_orders=args.both_orders,
+                         verdict=getattr(pb.BestOfN, f"VERDICT_{(args.verdict or 'unspecified').upper()}"),
+                         selection=getattr(pb.BestOfN, f"SELECTION_{(args.selection or 'unspecified').upper()}"),
+                         template=getattr(pb.BestOfN, f"TEMPLATE_{(args.template or 'unspecified').upper()}"))
+    if args.judge_max_tokens is not None:
+        message.judge_max_tokens = args.judge_max_tokens
+    if args.seed is not None:
+        message.seed = args.seed
+    return message
+
+
+def _bracket_text(report) -> str:
+    """A best-of-N report as lines: the candidates, then each match (or the pointwise scores)."""
+    lines = [f"best-of-{len(report.candidates)}: {report.selection}, {report.verdict} verdicts"
+             f"{', both orders' if report.both_orders else ''}, judge {report.judge}, {report.judge_calls} judge "
+             f"calls, {report.judge_tokens} judge tokens; winner: candidate {report.winner}"]
+    for i, c in enumerate(report.candidates):
+        first_line = c.text.strip().splitlines()[0][:70] if c.text.strip() else ""
+        lines.append(f"  candidate {i} (answer {c.answer or '-'}, {len(c.token_ids)} tokens): {first_line}")
+    for bye in report.byes:
+        lines.append(f"  round {bye.round}: candidate {bye.candidate} has a bye")
+    for m in report.bracket:
+        outcome = f"{m.winner} advances" if m.HasField("winner") else "both eliminated"
+        how = ", ".join(j.parse for j in m.judgements) or "same answer: a coin, no call"
+        lines.append(f"  round {m.round}: {m.a} vs {m.b}: scores {m.a_score:.2f} / {m.b_score:.2f} ({how}); {outcome}")
+    for r in report.fallback_rounds:
+        lines.append(f"  round {r} eliminated everyone: the survivor was drawn at random")
+    for i, score in enumerate(report.pointwise_scores):
+        lines.append(f"  candidate {i}: p(Correct) = {score:.3f}")
+    return "\n".join(lines)
 
 
 def _cmd_models(args) -> int:
@@ -233,6 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", dest="ignore_eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="print the response message(s) as JSON")
+    gen.add_argument("--best-of-n", dest="best_of_n", type=int, metavar="N",
+                     help="best-of-N: sample N candidates, a judge picks the winner (--seed seeds the whole request)")
+    gen.add_argument("--verdict", choices=("generate", "score"), help="best-of-N judge verdicts (default: generate)")
+    gen.add_argument("--selection", choices=("knockout", "pointwise"), help="best-of-N selection (default: knockout)")
+    gen.add_argument("--template", choices=("math", "general"), help="best-of-N judge template (default: math)")
+    gen.add_argument("--both-orders", dest="both_orders", action="store_true", help="best-of-N: judge both orders")
+    gen.add_argument("--judge", help="best-of-N: the judge guide (default: the group's, else the base model)")
+    gen.add_argument("--judge-max-tokens", dest="judge_max_tokens", type=int, help="best-of-N: judge tokens per call")
+    gen.add_argument("--verbose", action="store_true", help="best-of-N: print the candidates and the bracket "
+                                                            "(and, streaming, each phase) to stderr")
     gen.set_defaults(func=_cmd_generate)
 
     models = sub.add_parser("models", help="list the server's models")

@@ -73,7 +73,7 @@ def test_score_verdicts_equal_the_probabilities_of_a_full_forward(engine, hf_mod
 
 
 def test_a_seeded_request_is_reproducible_whatever_shares_the_batch(engine):
-    params = BestOfNParams(n=5, seed=11, template="general", judge_max_tokens=32)
+    params = BestOfNParams(n=5, seed=11, template="general", judge_max_tokens=16)
     alone = asyncio.run(run(engine, request(params)))
 
     async def crowded():
@@ -97,16 +97,16 @@ def test_a_seeded_request_is_reproducible_whatever_shares_the_batch(engine):
 def test_candidates_composed_with_a_token_level_strategy_equal_separate_requests(engine):
     uscd = ContrastiveParams(mode="uscd", uncertainty_threshold=0.003,
                              contrast_context=Context(messages=(ChatMessage("user", "Answer."),)))
-    params = BestOfNParams(n=3, seed=5, candidates=uscd, verdict="score")
-    report = asyncio.run(run(engine, request(params)))[-1].report
-    sampling = SamplingParams(max_tokens=24, temperature=0.7)
+    params = BestOfNParams(n=2, seed=5, candidates=uscd, verdict="score")
+    report = asyncio.run(run(engine, request(params, max_tokens=12)))[-1].report
+    sampling = SamplingParams(max_tokens=12, temperature=0.7)
 
     async def separate(i):
         req = dataclasses.replace(request(uscd), sampling=dataclasses.replace(sampling, seed=5 + i),
                                   request_id=f"sep{i}")
         return [t async for c in engine.generate(req) for t in c.token_ids]
 
-    singles = [asyncio.run(separate(i)) for i in range(3)]
+    singles = [asyncio.run(separate(i)) for i in range(2)]
     assert [c.token_ids for c in report.candidates] == singles
 
 

@@ -129,7 +129,6 @@ def test_neutral_knobs_reduce_to_plain_greedy(stub):
     (dict(entropy_switch=pb.EntropySwitch(threshold=float("nan"))), grpc.StatusCode.INVALID_ARGUMENT,
      "entropy_switch.threshold"),
     (dict(entropy_switch=pb.EntropySwitch(small="gpt-5")), grpc.StatusCode.INVALID_ARGUMENT, "entropy_switch.small"),
-    (dict(best_of_n=pb.BestOfN()), grpc.StatusCode.UNIMPLEMENTED, "strategy 'best_of_n'"),
 ])
 def test_bad_strategy_knobs_are_refused_with_a_usable_message(stub, fields, code, field):
     with pytest.raises(grpc.RpcError) as info:
@@ -141,10 +140,9 @@ def test_bad_strategy_knobs_are_refused_with_a_usable_message(stub, fields, code
 def test_list_models_reports_strategies_and_guides(stub):
     models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
     support = {s.strategy: s for s in models[BASE].strategies}
-    for strategy in ("plain", "contrastive", "logit_fusion", "refusal_steering", "entropy_switch"):
+    for strategy in ("plain", "contrastive", "logit_fusion", "refusal_steering", "entropy_switch", "best_of_n"):
         assert support[strategy].available, strategy
-    for strategy in ("best_of_n", "rerank"):
-        assert not support[strategy].available and support[strategy].reason
+    assert not support["rerank"].available and support["rerank"].reason
     assert models["exit8"].role == "amateur,small" and models["concise"].role == "expert:concise"
     assert models["self"].role == "small_base"
 

@@ -12,6 +12,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chorus.v1 import decoding_pb2 as pb
+from tests.integration.best_of_n_checks import (  # noqa: F401  (best-of-N over this module's server)
+    test_a_deadline_in_the_middle_of_the_bracket_frees_every_slot,
+    test_bad_best_of_n_knobs_are_invalid_argument_naming_the_field,
+    test_best_of_n_unary_and_streaming_give_the_winner_with_its_bracket, test_best_of_n_with_every_knob_at_its_default,
+    test_best_of_n_with_generated_verdicts_and_composed_candidates)
 from tests.integration.strategy_checks import (  # noqa: F401  (collected and run against this module's server)
     strategy_runs, test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only,
     test_bad_strategy_knobs_are_refused_with_a_usable_message,
@@ -247,5 +252,9 @@ def test_cli_generate_and_models(server):
     assert answer.returncode == 0 and "Paris" in answer.stdout, answer.stderr
     listed = json.loads(chorus("models", "--json").stdout)
     assert listed["models"][0]["name"] == "smollm2-135m-instruct"
+    picked = chorus("generate", "--chat", "What is 3 + 4?", "--best-of-n", "2", "--seed", "1", "--verdict", "score",
+                    "--max-tokens", "12", "--verbose")
+    assert picked.returncode == 0 and picked.stdout.strip(), picked.stderr
+    assert "winner: candidate" in picked.stderr and "candidate 1 (answer" in picked.stderr
     refused = chorus("generate", "hi", "--top-p", "2")
     assert refused.returncode == 1 and "INVALID_ARGUMENT: sampling.top_p" in refused.stderr

@@ -6,6 +6,11 @@ The generic tests of test_server.py are imported, so pytest runs them again here
 import pytest
 
 from chorus.v1 import decoding_pb2 as pb
+from tests.integration.best_of_n_checks import (  # noqa: F401  (best-of-N over this module's server)
+    test_a_deadline_in_the_middle_of_the_bracket_frees_every_slot,
+    test_bad_best_of_n_knobs_are_invalid_argument_naming_the_field,
+    test_best_of_n_unary_and_streaming_give_the_winner_with_its_bracket, test_best_of_n_with_every_knob_at_its_default,
+    test_best_of_n_with_generated_verdicts_and_composed_candidates)
 from tests.integration.strategy_checks import (  # noqa: F401  (the fusion logits processor inside vLLM)
     strategy_runs, test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only,
     test_bad_strategy_knobs_are_refused_with_a_usable_message, test_every_strategy_and_mode_answers_with_its_report,
