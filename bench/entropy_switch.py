@@ -23,7 +23,6 @@ exact matches), and, unless --no-loglik, the large model's mean log-likelihood p
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -31,8 +30,8 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.quality import GSM8K_INSTRUCTION, ROOT, final_number, gsm8k_problems, run_requests, wilson
-from bench.run import Progress, with_server
+from bench.quality import GSM8K_INSTRUCTION, final_number, gsm8k_problems, run_requests, wilson
+from bench.run import Progress, data_bench_parser, parse_data_bench_args, with_server, write_report
 from decoding.entropy_switch import compute_saved
 
 
@@ -158,11 +157,9 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="deploy/local.yaml")
+    parser = data_bench_parser(__doc__.splitlines()[0], "deploy/local.yaml", "entropy-switch",
+                               "gsm8k/test_shared.jsonl")
     parser.add_argument("--group", help="the model group (default: the default model's)")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
-                        help="the data folder (gsm8k/test_shared.jsonl)")
     parser.add_argument("--limit", type=int, default=50, help="GSM8K problems per point")
     parser.add_argument("--tokens", type=int, default=128, help="max tokens per reply")
     parser.add_argument("--scales", type=float, nargs="*", default=[0.5, 0.75, 1.0, 1.5, 2.0],
@@ -171,11 +168,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--no-loglik", dest="loglik", action="store_false",
                         help="skip the large model's log-likelihood of the outputs (a forward per reply)")
-    parser.add_argument("--name", default="entropy-switch")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = parser.parse_args()
-    if not args.data.is_dir():
-        parser.error(f"--data {args.data} is not a folder; it holds gsm8k/ (see --help)")
+    args = parse_data_bench_args(parser)
 
     from server.config import load_deploy_file
 
@@ -185,7 +178,6 @@ def main() -> int:
     sweep = points(args.scales, args.thresholds, group.entropy_threshold)
     problems = gsm8k_problems(args.data, args.limit)
     progress = Progress(len(sweep) + (1 if args.loglik else 0))
-    args.out.mkdir(parents=True, exist_ok=True)
 
     def measure(address: str) -> list[dict]:
         import grpc
@@ -225,12 +217,7 @@ def main() -> int:
         (g.name for g in group.guides.values() if "small" in g.roles), ""), "limit": args.limit,
         "tokens": args.tokens, "concurrency": args.concurrency, "parameter_ratio": results[0]["parameter_ratio"],
         "points": results, "run_s": time.time() - progress.started}
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    (args.out / f"{args.name}.md").write_text(table)
-    plot(report, args.out / f"{args.name}.png")
-    print(table)
-    print(f"wrote {args.out / args.name}.{{json,md,png}} in {report['run_s']:.0f} s")
+    write_report(args.out, args.name, report, markdown, plot)
     return 0
 
 

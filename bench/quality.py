@@ -28,7 +28,6 @@ coconot_contrast_eval.jsonl in their upstream formats (the READMEs there name th
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -37,10 +36,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.run import Progress, with_server
+from bench.run import Progress, data_bench_parser, parse_data_bench_args, with_server, write_report
 from decoding.best_of_n import final_number
 
-ROOT = Path(__file__).resolve().parents[1]
 LARGE, SMALL = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
 GSM8K_INSTRUCTION = ("Solve the following math problem. Reason step by step, then write the final answer on the last "
                      "line as '#### <number>'.")
@@ -271,21 +269,15 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="deploy/local-pair.yaml")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
-                        help="the data folder (gsm8k/, xstest/, coconot/ in their upstream formats)")
+    parser = data_bench_parser(__doc__.splitlines()[0], "deploy/local-pair.yaml", "quality",
+                               "gsm8k/, xstest/, coconot/ in their upstream formats")
     parser.add_argument("--limit", type=int, default=50, help="GSM8K problems per row")
     parser.add_argument("--gsm8k-tokens", type=int, default=256)
     parser.add_argument("--refusal-limit", type=int, default=40, help="prompts per refusal set")
     parser.add_argument("--refusal-tokens", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--only", nargs="*", help="row names (default: all)")
-    parser.add_argument("--name", default="quality")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = parser.parse_args()
-    if not args.data.is_dir():
-        parser.error(f"--data {args.data} is not a folder; it holds gsm8k/, xstest/ and coconot/ (see --help)")
+    args = parse_data_bench_args(parser)
     selected = [r for r in rows() if not args.only or r.name in args.only]
     unknown = set(args.only or ()) - {r.name for r in rows()}
     if unknown:
@@ -293,7 +285,6 @@ def main() -> int:
     problems = gsm8k_problems(args.data, args.limit)
     sets = refusal_prompts(args.data, args.refusal_limit)
     progress = Progress(len(selected))
-    args.out.mkdir(parents=True, exist_ok=True)
 
     def measure(address: str) -> list[dict]:
         import grpc
@@ -322,12 +313,7 @@ def main() -> int:
     report = {"config": args.config, "limit": args.limit, "gsm8k_tokens": args.gsm8k_tokens,
               "refusal_limit": args.refusal_limit, "refusal_tokens": args.refusal_tokens,
               "concurrency": args.concurrency, "rows": results, "run_s": time.time() - progress.started}
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    (args.out / f"{args.name}.md").write_text(table)
-    plot(report, args.out / f"{args.name}.png")
-    print(table)
-    print(f"wrote {args.out / args.name}.{{json,md,png}} in {report['run_s']:.0f} s")
+    write_report(args.out, args.name, report, markdown, plot)
     return 0
 
 

@@ -101,6 +101,39 @@ class Progress:
                                                                           if rep + 1 < reps else ""))
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_bench_parser(description: str, config: str, name: str, holds: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark on ../shared/data shares: --config, --data (a folder holding `holds`), --name
+    and --out; `parse_data_bench_args` checks them."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=config)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
+                        help=f"the data folder ({holds})")
+    parser.add_argument("--name", default=name, help="the results' file name")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    return parser
+
+
+def parse_data_bench_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        parser.error(f"--data {args.data} is not a folder (see --help)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def write_report(out: Path, name: str, report: dict, markdown, plot) -> None:
+    """<out>/<name>.json, .md (`markdown(report)`, printed too) and .png (`plot(report, path)`)."""
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    (out / f"{name}.md").write_text(table)
+    plot(report, out / f"{name}.png")
+    print(table)
+    print(f"wrote {out / name}.{{json,md,png}}" + (f" in {report['run_s']:.0f} s" if "run_s" in report else ""))
+
+
 def level_outcome(summary: dict) -> str:
     return (f"{summary['tokens_per_s']:.1f} tok/s, ITL p50 {summary['itl_ms_p50']:.0f} ms, "
             f"p99 {summary['itl_ms_p99']:.0f} ms")

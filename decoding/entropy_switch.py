@@ -51,13 +51,19 @@ class SwitchState:
     window: collections.deque = dataclasses.field(default_factory=collections.deque)
 
 
+def rolling_mean(window: collections.deque, entropy: float, size: int) -> float:
+    """H̄: the mean of the last `size` entropies once `entropy` joins `window` (which is left as it is)."""
+    last = [*window, entropy][-size:]
+    return sum(last) / len(last)
+
+
 def advance(state: SwitchState, entropy: float, threshold: float, window: int, min_span: int) -> float:
     """Records that the active model wrote a token with `entropy` (bits) and applies the switching rule; returns the
     rolling mean H̄ the rule saw. `state.active` is then the model for the next position."""
+    rolling = rolling_mean(state.window, entropy, window)
     state.window.append(entropy)
     while len(state.window) > window:
         state.window.popleft()
-    rolling = sum(state.window) / len(state.window)
     state.span += 1
     if state.span >= min_span:
         wanted = LARGE if rolling > threshold else SMALL

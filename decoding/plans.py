@@ -346,16 +346,16 @@ class EntropySwitchPlan(Plan):
     def _record(self, position: int, entropy: float) -> tuple[bool, float, float]:
         """The record of the step at `position` (its state is the one `_active_at(position)` folded to)."""
         state = self._state
-        window = [*state.window, entropy][-self.params.window:]
-        return state.active == entropy_switch.LARGE, entropy, sum(window) / len(window)
+        return (state.active == entropy_switch.LARGE, entropy,
+                entropy_switch.rolling_mean(state.window, entropy, self.params.window))
 
     def report(self):
         records = self.records()
-        last_ran = {True: None, False: None}  # per model (large?): the position after its last written token
+        last_ran = {True: 0, False: 0}  # per model (large?): the position after its last written token
         catch_up = {True: 0, False: 0}
         for position, (large, _, _) in enumerate(records):
             if position == 0 or records[position - 1][0] != large:  # an activation
-                catch_up[large] += position - (last_ran[large] or 0)
+                catch_up[large] += position - last_ran[large]
             last_ran[large] = position + 1
         return EntropySwitchReport(
             small=self.spec.guide, threshold=self.spec.threshold, steps=len(records),

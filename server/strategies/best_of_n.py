@@ -101,7 +101,7 @@ def availability(group: GroupSpec) -> str | None:
 # ---- the program ----
 
 @dataclasses.dataclass
-class _Work:
+class Work:
     """What a request has cost so far, summed over its candidates and judge calls."""
     forward_passes: dict[str, int] = dataclasses.field(default_factory=dict)
     judge_calls: int = 0
@@ -112,11 +112,11 @@ class _Work:
             self.forward_passes[model] = self.forward_passes.get(model, 0) + passes
 
 
-class _Judge:
+class Judge:
     """Judge calls on the base model: GENERATE (greedy, parsed) or SCORE (probabilities of the verdict words)."""
 
     def __init__(self, engine: Engine, group: GroupSpec, request: GenerationRequest, p: BestOfNParams,
-                 guide: GuideSpec | None, question: str, texts: list[str], work: _Work):
+                 guide: GuideSpec | None, question: str, texts: list[str], work: Work):
         self.engine, self.group, self.request, self.p = engine, group, request, p
         self.system_prompt = guide.system_prompt if guide and guide.system_prompt else bon.JUDGE_SYSTEM_PROMPT
         self.question, self.texts, self.work = question, texts, work
@@ -216,7 +216,7 @@ async def _whole(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:
     return GenerationChunk("".join(text), ids, last.finish_reason, last.usage, last.seed, last.report)
 
 
-def _question(request: GenerationRequest) -> str:
+def question_of(request: GenerationRequest) -> str:
     """What the judge is told the task was: the raw prompt, or the last user message."""
     if request.prompt:
         return request.prompt
@@ -299,19 +299,19 @@ async def _candidates(engine: Engine, request: GenerationRequest, p: BestOfNPara
 async def run(engine: Engine, group: GroupSpec, request: GenerationRequest, p: BestOfNParams
               ) -> AsyncIterator[GenerationChunk]:
     """Candidates, then the selection; streams a progress chunk per phase, the winner's text, the final chunk."""
-    question = _question(request)
+    question = question_of(request)
     guide = _judge_guide(group, p.judge)
     seed = p.seed if p.seed is not None else request.sampling.request_seed()
     sampling = candidate_sampling(request, p, seed)
     _check_limits(engine, group, p, sampling, question)
-    work = _Work()
+    work = Work()
     chunks = await _candidates(engine, request, p, sampling)
     for chunk in chunks:
         work.add(chunk.usage)
     candidates = [BestOfNCandidate(c.text, list(c.token_ids), c.finish_reason, bon.answer_key(c.text, p.template))
                   for c in chunks]
     yield GenerationChunk("", [], progress=BestOfNProgress("candidates", remaining=len(candidates)))
-    judge = _Judge(engine, group, request, p, guide, question, [c.text for c in candidates], work)
+    judge = Judge(engine, group, request, p, guide, question, [c.text for c in candidates], work)
     report = BestOfNReport(selection=p.selection, verdict=p.verdict_mode, both_orders=p.both_orders,
                            template=p.template, judge=guide.name if guide else group.base, seed=seed,
                            candidates=candidates, winner=0)
