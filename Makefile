@@ -91,16 +91,13 @@ bench-entropy-switch: install models
 	$(BIN)/python -m bench.entropy_switch --config deploy/local-pair.yaml --name entropy-switch-pair $(PAIR_ENTROPY_ARGS)
 
 # Best-of-N (bench/best_of_n.py): a round's judge calls batched vs one at a time, and GSM8K accuracy of greedy, a
-# random candidate, majority vote, pointwise and knockout selection (SCORE/GENERATE, one/both orders), N = 4 and 8.
-# Sized for 2 CPU cores: the embedded default on 50 problems (128-token candidates, 160-token judge calls), then the
-# Qwen pair (the 1.5B writes and judges) on 8 problems, N = 4, the cheap rows only. EMBEDDED_BON_ARGS= and
-# PAIR_BON_ARGS= run the full size (256-token candidates, 512-token judge calls, every row) on a bigger machine.
-EMBEDDED_BON_ARGS ?= --tokens 128 --judge-tokens 160
-PAIR_BON_ARGS ?= --limit 8 --n 4 --tokens 128 --rows greedy random majority oracle pointwise knockout-score --speed-problems 0
+# random candidate, majority vote, oracle, pointwise and knockout selection on shared candidates, N = 4 and 8, on the
+# embedded default. Sized for 2 CPU cores (about 40 min): 50 problems, 96-token candidates, 128-token judge calls,
+# the SCORE knockout only; BON_ARGS="--rows knockout-score-2 knockout-gen knockout-gen-2 ..." adds the other rows
+# (they reuse the sampled candidates), and --config deploy/local-pair.yaml runs the Qwen pair (bench/README.md).
+BON_ARGS ?= --tokens 96 --judge-tokens 128 --speed-problems 3 --rows greedy random majority oracle pointwise knockout-score
 bench-best-of-n: install models
-	$(BIN)/python -m bench.best_of_n --config deploy/local.yaml --name best-of-n $(EMBEDDED_BON_ARGS)
-	$(BIN)/chorus fetch-models --config deploy/local-pair.yaml
-	$(BIN)/python -m bench.best_of_n --config deploy/local-pair.yaml --name best-of-n-pair $(PAIR_BON_ARGS)
+	$(BIN)/python -m bench.best_of_n --config deploy/local.yaml --name best-of-n $(BON_ARGS)
 
 clean:
 	rm -rf $(VENV) chorus/v1 *.egg-info

@@ -16,7 +16,7 @@ Speed: for the first --speed-problems problems, round one of an N = max(--n) bra
 call at a time, one problem after the other; the ratio of the two wall times, and whether the verdicts agree.
 
 Accuracy (GSM8K, Cobbe et al. 2021, the quality benchmark's zero-shot prompt, exact match on the final number, 95%
-Wilson interval) per row and N, with judge calls and wall time per problem (all problems in flight together):
+Wilson interval) per row and N, with judge calls and wall time per problem (--concurrency problems in flight):
   greedy            plain greedy decoding (no candidates; the same for every N)
   random            a uniformly random candidate (seeded)
   majority          the most common final answer (self-consistency; ties: the lowest index), no judge
@@ -24,7 +24,10 @@ Wilson interval) per row and N, with judge calls and wall time per problem (all 
   pointwise         each candidate alone, the highest p(Correct)
   knockout-score    knockout, SCORE verdicts, one order; knockout-score-2 both orders
   knockout-gen      knockout, GENERATE verdicts (at most --judge-tokens per call), one order; knockout-gen-2 both
-Writes <out>/<name>.json, .md and .png.
+Writes <out>/<name>.json, .md and .png. The greedy replies and the candidates are kept in
+<out>/best-of-n-candidates-<model>-<limit>x<tokens>.json and read back by a later run with the same config, problems
+and tokens and at most as many candidates, so rows can be measured in several runs (each run's report holds the rows
+it measured, and the candidates' sampling time of the run that sampled them).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
 import random
 import time
 from pathlib import Path
@@ -126,26 +130,45 @@ async def bench(args, progress: Progress) -> dict:
     problems = gsm8k_problems(args.data, args.limit)
     n_max = max(args.n)
     report = {"config": args.config, "model": group.base, "limit": len(problems), "n": args.n,
-              "tokens": args.tokens, "judge_tokens": args.judge_tokens, "rows": []}
+              "tokens": args.tokens, "judge_tokens": args.judge_tokens, "concurrency": args.concurrency, "rows": []}
     try:
-        progress.begin(f"greedy and {n_max} candidates for {len(problems)} problems")
-        started = time.perf_counter()
-        greedy = await asyncio.gather(*(
-            _text(engine, problem_request(p, i, SamplingParams(max_tokens=args.tokens, temperature=0)))
-            for i, p in enumerate(problems)))
-        report["greedy_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        sampling = [SamplingParams(max_tokens=args.tokens, temperature=0.7, seed=i) for i in range(len(problems))]
-        candidates = await asyncio.gather(*(engine.sample_n(problem_request(p, i, sampling[i]), n_max)
-                                            for i, p in enumerate(problems)))
-        report["candidates_s"] = time.perf_counter() - started
-        progress.end(f"{report['greedy_s']:.0f} s greedy, {report['candidates_s']:.0f} s candidates")
+        cache = args.out / f"best-of-n-candidates-{group.base}-{len(problems)}x{args.tokens}.json"
+        key = {"config": args.config, "model": group.base, "limit": len(problems), "tokens": args.tokens}
+        cached = json.loads(cache.read_text()) if cache.exists() else None
+        if cached is not None and cached["key"] == key and cached["n"] >= n_max:
+            greedy = cached["greedy"]
+            candidates = [[Candidate(t) for t in c[:n_max]] for c in cached["candidates"]]
+            report["greedy_s"], report["candidates_s"] = cached["greedy_s"], cached["candidates_s"]
+            progress.line(f"greedy replies and candidates from {cache} (sampled in an earlier run)")
+        else:
+            progress.begin(f"greedy and {n_max} candidates for {len(problems)} problems")
+            started = time.perf_counter()
+            greedy = await asyncio.gather(*(
+                _text(engine, problem_request(p, i, SamplingParams(max_tokens=args.tokens, temperature=0)))
+                for i, p in enumerate(problems)))
+            report["greedy_s"] = time.perf_counter() - started
+            started = time.perf_counter()
+            candidates = await asyncio.gather(*(
+                engine.sample_n(problem_request(p, i, SamplingParams(max_tokens=args.tokens, temperature=0.7,
+                                                                     seed=i)), n_max)
+                for i, p in enumerate(problems)))
+            report["candidates_s"] = time.perf_counter() - started
+            cache.write_text(json.dumps({"key": key, "n": n_max, "greedy": greedy, "greedy_s": report["greedy_s"],
+                                         "candidates_s": report["candidates_s"],
+                                         "candidates": [[c.text for c in cands] for cands in candidates]}))
+            progress.end(f"{report['greedy_s']:.0f} s greedy, {report['candidates_s']:.0f} s candidates")
         if args.speed_problems:
             progress.begin(f"speed: round one of {n_max}, {args.speed_problems} problems")
             report["speed"] = await speed(engine, group, problems[:args.speed_problems], candidates,
                                           args.judge_tokens, progress)
             progress.end(f"{report['speed']['speedup']:.2f}x")
         golds = [p["gold"] for p in problems]
+        in_flight = asyncio.Semaphore(args.concurrency)
+
+        async def bounded(selection):
+            async with in_flight:
+                return await selection
+
         for row in args.rows:
             for n in (args.n if row != "greedy" else [n_max]):
                 progress.begin(f"{row}, N = {n}")
@@ -163,7 +186,7 @@ async def bench(args, progress: Progress) -> dict:
                 else:
                     params = dataclasses.replace(SELECTIONS[row], n=n, judge_max_tokens=args.judge_tokens)
                     results = await asyncio.gather(*(
-                        select(engine, group, problem_request(p, i, SamplingParams()), params, texts[i])
+                        bounded(select(engine, group, problem_request(p, i, SamplingParams()), params, texts[i]))
                         for i, p in enumerate(problems)))
                     picked = [texts[i][w] for i, (w, _) in enumerate(results)]
                     calls = [c for _, c in results]
@@ -177,6 +200,12 @@ async def bench(args, progress: Progress) -> dict:
     finally:
         engine.shutdown()
     return report
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A candidate read back from the cache of an earlier run (the sampled chunk's text is all the rows use)."""
+    text: str
 
 
 async def _text(engine, request) -> str:
@@ -194,7 +223,8 @@ def markdown(report: dict) -> str:
                   f"{speed['problems']} problems one after the other: batched {speed['batched_s']:.0f} s, one call "
                   f"at a time {speed['one_at_a_time_s']:.0f} s: **{speed['speedup']:.2f}×** (verdicts equal in "
                   f"{speed['verdicts_equal']:.0%} of the calls).", ""]
-    lines += ["| row | N | GSM8K accuracy [95% CI] | judge calls / problem | wall s / problem (all in flight) |",
+    lines += [f"| row | N | GSM8K accuracy [95% CI] | judge calls / problem | wall s / problem "
+              f"({report['concurrency']} in flight) |",
               "| --- | ---: | ---: | ---: | ---: |"]
     for r in report["rows"]:
         lines.append(f"| {r['row']} | {r['n']} | {r['accuracy']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | "
@@ -231,6 +261,9 @@ def main() -> int:
     parser.add_argument("--judge-tokens", dest="judge_tokens", type=int, default=512,
                         help="max tokens per GENERATE judge call")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="problems selected at once (their judge calls wait in the engine's queue, which refuses "
+                             "work beyond the group's max_waiting)")
     parser.add_argument("--speed-problems", dest="speed_problems", type=int, default=4,
                         help="problems for the batched-vs-one-at-a-time round (0: skip)")
     args = parse_data_bench_args(parser)
