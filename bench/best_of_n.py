@@ -139,6 +139,7 @@ async def bench(args, progress: Progress) -> dict:
             greedy = cached["greedy"]
             candidates = [[Candidate(t) for t in c[:n_max]] for c in cached["candidates"]]
             report["greedy_s"], report["candidates_s"] = cached["greedy_s"], cached["candidates_s"]
+            progress.done += 1  # the sampling step, done by an earlier run
             progress.line(f"greedy replies and candidates from {cache} (sampled in an earlier run)")
         else:
             progress.begin(f"greedy and {n_max} candidates for {len(problems)} problems")
