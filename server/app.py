@@ -29,6 +29,7 @@ from server.config import ChorusConfig, parse_chorus_config
 from server.engines.base import GenerationChunk, GenerationRequest
 from server.errors import ChorusError, Unavailable, status_code_name
 from server.strategies import registry
+from server.strategies.rerank import RerankJob, RerankOutcome, Reranker
 
 log = logging.getLogger("ray.serve")
 
@@ -57,12 +58,13 @@ def make_engine(config: ChorusConfig, group_name: str):
 @serve.deployment(name="group", max_ongoing_requests=1024)
 class ModelGroup:
     """Hosts one group's models (the base and, with token-level strategies, its guides) in each replica, and runs
-    request-level strategies (best-of-N) over them."""
+    request-level strategies (best-of-N) and reranking over them."""
 
     def __init__(self, args: dict, group_name: str):
         self._config = parse_chorus_config(args)
         self._group = self._config.groups[group_name]
         self._engine = make_engine(self._config, group_name)
+        self._reranker = Reranker(self._engine, self._group)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk | RemoteError]:
         try:
@@ -75,10 +77,20 @@ class ModelGroup:
                 log.exception("request %s failed in the engine", request.request_id)
             yield RemoteError(code=code, message=str(error))
 
+    async def rerank(self, job: RerankJob) -> RerankOutcome | RemoteError:
+        try:
+            return await self._reranker.run(job)
+        except Exception as error:
+            code = status_code_name(error)
+            if code == "INTERNAL":
+                log.exception("rerank %s failed in the engine", job.request_id)
+            return RemoteError(code=code, message=str(error))
+
     def describe(self) -> dict:
         info, load = self._engine.info(), self._engine.load()
         return {"model": self._group.base, "group": self._group.name, **dataclasses.asdict(info),
-                "running": load.running, "waiting": load.waiting, "strategies": self._engine.strategy_support()}
+                "running": load.running, "waiting": load.waiting,
+                "strategies": {**self._engine.strategy_support(), "rerank": self._reranker.unavailable}}
 
     def __del__(self):
         engine = getattr(self, "_engine", None)
@@ -116,6 +128,18 @@ class HandleRouter:
                     yield item
         finally:
             stream.cancel()  # no-op when the stream ended; aborts the engine work when the client went away
+
+    async def rerank(self, model: str, job: RerankJob) -> RerankOutcome:
+        response = self._handles[model].rerank.remote(job)
+        try:
+            with _replica_loss_is_unavailable(f"model {model!r}"):
+                outcome = await response
+        except asyncio.CancelledError:
+            response.cancel()  # the client went away: abort the windows in the engine
+            raise
+        if isinstance(outcome, RemoteError):
+            raise outcome.to_exception()
+        return outcome
 
     async def describe(self) -> list[dict]:
         with _replica_loss_is_unavailable("a model group"):

@@ -2,6 +2,7 @@
 
     chorus serve --config deploy/local.yaml          start Ray + the Serve app in the foreground
     chorus generate "Hello" [--chat] [--stream] [--best-of-n N [--verbose]]   one request against a running server
+    chorus rerank --query Q --passages FILE.jsonl    rank passages for a query with a running server
     chorus models                                    the server's models and strategies
     chorus fetch-models [NAME ...] [--config FILE]   download and convert the embedded models once
     chorus install-target --config FILE              which Makefile install target a deploy file's engines need
@@ -232,6 +233,67 @@ def _bracket_text(report) -> str:
     return "\n".join(lines)
 
 
+def read_passages(path: str) -> list[str]:
+    """A JSON Lines file of passages: each line a JSON string, or an object with "text" or "content" (the shape of
+    MS MARCO / rank_llm hits)."""
+    import json
+
+    passages = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"line {number}: not JSON ({error})") from None
+            text = item.get("text", item.get("content")) if isinstance(item, dict) else item
+            if not isinstance(text, str):
+                raise ValueError(f"line {number}: expected a string or an object with a \"text\" or \"content\" "
+                                 "string")
+            passages.append(text)
+    return passages
+
+
+def _cmd_rerank(args) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from chorus.v1 import decoding_pb2 as pb
+    from chorus.v1 import decoding_pb2_grpc as pb_grpc
+
+    try:
+        passages = read_passages(args.passages)
+    except (OSError, ValueError) as error:
+        print(f"error: --passages {args.passages}: {error}", file=sys.stderr)
+        return 2
+    request = pb.RerankRequest(model=args.model, query=args.query, passages=passages, top_n=args.top_n,
+                               mode=getattr(pb.RerankRequest, f"MODE_{(args.mode or 'unspecified').upper()}"),
+                               aggregation=getattr(pb.RerankRequest,
+                                                   f"AGGREGATION_{(args.aggregation or 'unspecified').upper()}"))
+    for field in ("window_size", "stride", "permutations", "max_passage_words", "seed"):
+        value = getattr(args, field)
+        if value is not None:
+            setattr(request, field, value)
+    with _channel(args.address) as channel:
+        try:
+            response = pb_grpc.DecodingStub(channel).Rerank(request, timeout=args.timeout)
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json_format.MessageToJson(response))
+        return 0
+    for place, index in enumerate(response.ranking, start=1):
+        text = " ".join(passages[index].split())
+        print(f"{place:4d}. [{index}] {text[:100]}{'…' if len(text) > 100 else ''}")
+    usage = response.usage
+    print(f"{len(response.windows)} windows, {sum(usage.forward_passes.values())} forward passes, "
+          f"{usage.prompt_tokens} prompt tokens, {usage.completion_tokens} written, "
+          f"{sum(w.latency_ms for w in response.windows):.0f} ms on {response.model}", file=sys.stderr)
+    return 0
+
+
 def _cmd_models(args) -> int:
     from google.protobuf import json_format
 
@@ -289,11 +351,27 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(and, streaming, each phase) to stderr")
     gen.set_defaults(func=_cmd_generate)
 
+    ranks = sub.add_parser("rerank", help="rank passages for a query with a running server (listwise, FIRST)")
+    ranks.add_argument("--query", required=True)
+    ranks.add_argument("--passages", required=True, metavar="FILE.jsonl",
+                       help='one passage a line: a JSON string, or an object with "text" or "content"')
+    ranks.add_argument("--model", default="", help="base model (default: the server's reranker)")
+    ranks.add_argument("--top-n", dest="top_n", type=int, default=0, help="print only the best N (default: all)")
+    ranks.add_argument("--mode", choices=("first_token", "generate"), help="default: first_token")
+    ranks.add_argument("--window-size", dest="window_size", type=int, help="passages a window (default 20)")
+    ranks.add_argument("--stride", type=int, help="how far the window moves (default 10)")
+    ranks.add_argument("--permutations", type=int, help="shuffles a window (self-consistency; default 1: off)")
+    ranks.add_argument("--aggregation", choices=("kemeny", "borda"), help="of the permutations (default: kemeny)")
+    ranks.add_argument("--max-passage-words", dest="max_passage_words", type=int, help="default 300")
+    ranks.add_argument("--seed", type=int, help="seed of the shuffles (default 0)")
+    ranks.add_argument("--json", action="store_true", help="print the response as JSON")
+    ranks.set_defaults(func=_cmd_rerank)
+
     models = sub.add_parser("models", help="list the server's models")
     models.add_argument("--json", action="store_true")
     models.set_defaults(func=_cmd_models)
 
-    for p in (gen, models):
+    for p in (gen, ranks, models):
         p.add_argument("--address", default=DEFAULT_ADDRESS)
         p.add_argument("--timeout", type=float, default=300, help="RPC deadline in seconds")
 

@@ -43,7 +43,9 @@ class ModelSpec:
     early_exit_layers: int | None = None
 
 
-GUIDE_ROLES = ("amateur", "small_base", "small", "judge")  # and "expert:<task>"
+GUIDE_ROLES = ("amateur", "small_base", "small", "judge", "reranker")  # and "expert:<task>"
+# Roles that run on the group's base model itself (under the guide's system prompt, if it has one).
+BASE_ONLY_ROLES = ("judge", "reranker")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +54,9 @@ class GuideSpec:
 
     Roles: `amateur` (contrastive decoding's weak model), `small_base` (logit fusion's small base S; STEER's base
     model B), `expert:<task>` (a logit-fusion expert S_t, fine-tuned from small_base or made by its system prompt),
-    `small` (entropy switching's small model, which writes while it is sure), `judge` (best-of-N's judge; it runs on
-    the base model itself, under its system prompt if it has one).
+    `small` (entropy switching's small model, which writes while it is sure), `judge` (best-of-N's judge) and
+    `reranker` (listwise reranking: its group is where a Rerank call without a model goes); these two run on the base
+    model itself, under the guide's system prompt if it has one.
     """
     name: str
     model: str
@@ -88,6 +91,15 @@ class BestOfNSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class RerankSpec:
+    """Limits on Rerank requests (listwise reranking on the group's base model)."""
+    # Passages one request may send.
+    max_passages: int = 1000
+    # Shuffles per window a request may ask for (`permutations`).
+    max_permutations: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
 class GroupSpec:
     """A base model and its guides, hosted together in each replica of one Serve deployment."""
     name: str
@@ -108,6 +120,7 @@ class GroupSpec:
     # calibrate-entropy` prints one for a target large-model fraction. None: requests must send a threshold.
     entropy_threshold: float | None = None
     best_of_n: BestOfNSpec = BestOfNSpec()
+    rerank: RerankSpec = RerankSpec()
 
     def guides_with_role(self, role: str) -> list[GuideSpec]:
         return [g for g in self.guides.values() if role in g.roles]
@@ -140,6 +153,12 @@ class ChorusConfig:
     @property
     def base_models(self) -> list[str]:
         return [g.base for g in self.groups.values()]
+
+    @property
+    def default_reranker(self) -> str:
+        """Where a Rerank call without a model goes: the first group with a `reranker` guide, else the default
+        model."""
+        return next((g.base for g in self.groups.values() if g.guides_with_role("reranker")), self.default_model)
 
 
 def _build(cls, where: str, raw: Any, **fixed):
@@ -218,6 +237,7 @@ def _parse_group(name: str, raw: Any) -> GroupSpec:
         guides = raw.pop("guides", None) or {}
         refusal = raw.pop("refusal", None)
         best_of_n = raw.pop("best_of_n", None)
+        rerank = raw.pop("rerank", None)
         if not isinstance(guides, dict):
             raise ConfigError(f"{where}.guides: expected a mapping of guide name to guide")
         raw["guides"] = {g: _build(GuideSpec, f"{where}.guides.{g}", _tuple_roles(graw), name=g)
@@ -225,7 +245,9 @@ def _parse_group(name: str, raw: Any) -> GroupSpec:
         if refusal is not None:
             raw["refusal"] = _parse_refusal(f"{where}.refusal", refusal)
         if best_of_n is not None:
-            raw["best_of_n"] = _parse_best_of_n(f"{where}.best_of_n", best_of_n)
+            raw["best_of_n"] = _parse_limits(BestOfNSpec, f"{where}.best_of_n", best_of_n)
+        if rerank is not None:
+            raw["rerank"] = _parse_limits(RerankSpec, f"{where}.rerank", rerank)
     return _build(GroupSpec, where, raw, name=name)
 
 
@@ -246,21 +268,23 @@ def _check_guide(where: str, guide: GuideSpec, models: dict[str, ModelSpec], bas
                           f"{models[guide.model].engine!r}")
     if not guide.roles or not isinstance(guide.roles, tuple):
         raise ConfigError(f"{where}.roles: a list of at least one role: {GUIDE_ROLES} or 'expert:<task>'")
-    if "judge" in guide.roles and guide.model != base:
-        raise ConfigError(f"{where}.roles: a judge runs on the group's base model {base!r} (with its own system "
-                          f"prompt if it needs one); {guide.model!r} is another model, and judges on other models "
-                          "are not built yet")
+    for role in BASE_ONLY_ROLES:
+        if role in guide.roles and guide.model != base:
+            raise ConfigError(f"{where}.roles: a {role} runs on the group's base model {base!r} (with its own system "
+                              f"prompt if it needs one); {guide.model!r} is another model, and a {role} on another "
+                              "model is not built yet")
     for role in guide.roles:
         if role not in GUIDE_ROLES and not (role.startswith("expert:") and len(role) > len("expert:")):
             raise ConfigError(f"{where}.roles: {role!r} is not one of {GUIDE_ROLES} or 'expert:<task>'")
 
 
-def _parse_best_of_n(where: str, raw: Any) -> BestOfNSpec:
-    spec = _build(BestOfNSpec, where, raw)
-    for field in ("max_n", "judge_max_tokens", "max_total_tokens"):
-        value = getattr(spec, field)
+def _parse_limits(cls, where: str, raw: Any):
+    """A block of whole-number limits (best_of_n, rerank), each >= 1."""
+    spec = _build(cls, where, raw)
+    for field in dataclasses.fields(cls):
+        value = getattr(spec, field.name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}.{field}: a whole number >= 1, got {value!r}")
+            raise ConfigError(f"{where}.{field.name}: a whole number >= 1, got {value!r}")
     return spec
 
 

@@ -23,7 +23,7 @@ from decoding.sampling import SamplingParams
 from server.config import ChorusConfig
 from server.engines.base import GenerationChunk, GenerationRequest
 from server.errors import NotFound, status_code_name
-from server.strategies import registry
+from server.strategies import registry, rerank
 from server.strategies.protobuf import chat_messages
 
 log = logging.getLogger("ray.serve.chorus")  # a child of Serve's logger: same format, same files
@@ -36,6 +36,8 @@ _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 class GroupRouter(Protocol):
     def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+
+    async def rerank(self, model: str, job: rerank.RerankJob) -> rerank.RerankOutcome: ...
 
     async def describe(self) -> list[dict]: ...
 
@@ -99,6 +101,40 @@ def _usage_proto(chunk: GenerationChunk) -> pb.Usage:
                     forward_passes=chunk.usage.forward_passes)
 
 
+class _Call:
+    """One RPC's bookkeeping: its id, its deadline for the engine, the status it ends with, and its log line."""
+
+    def __init__(self, context, request_id: str):
+        self.context, self.request_id = context, request_id
+        self.started = time.monotonic()
+        self.status: str | None = None
+
+    def deadline(self) -> float | None:
+        """The client's deadline as an absolute time.time(), for the engine; None without one."""
+        remaining = self.context.time_remaining()
+        return time.time() + remaining if remaining is not None else None
+
+    @contextlib.asynccontextmanager
+    async def answering(self):
+        """Maps every failure inside to its status code and aborts the call with it."""
+        try:
+            yield
+            self.status = "OK"
+        except asyncio.CancelledError:
+            raise  # the client went away or its deadline passed; `log` tells which
+        except Exception as error:
+            self.status = status_code_name(error)
+            if self.status == "INTERNAL":
+                log.exception("request %s failed", self.request_id)
+            await self.context.abort(getattr(grpc.StatusCode, self.status), str(error)[:4000])
+
+    def log(self, fields: str) -> None:
+        """The request's one log line."""
+        status = self.status or _cancellation_status(self.context)
+        log.info("request id=%s %s latency_ms=%.1f status=%s", self.request_id, fields,
+                 1000 * (time.monotonic() - self.started), status)
+
+
 class DecodingService(pb_grpc.DecodingServicer):
     def __init__(self, config: ChorusConfig, router: GroupRouter):
         self._config = config
@@ -133,42 +169,46 @@ class DecodingService(pb_grpc.DecodingServicer):
                         message.report.CopyFrom(report_proto(request.WhichOneof("strategy"), chunk.report))
                 yield message
 
+    def _check_model(self, model: str) -> None:
+        if model not in self._config.base_models:
+            raise NotFound(f"model {model!r} is not served here; ListModels lists {self._config.base_models}")
+
     async def _generate(self, request, context, rpc: str):
         """Validates, routes and streams one request; logs one line for it; maps every failure to a status."""
-        started = time.monotonic()
-        request_id = request.request_id or uuid.uuid4().hex
+        call = _Call(context, request.request_id or uuid.uuid4().hex)
         model = request.model or self._config.default_model
         strategy = request.WhichOneof("strategy") or "plain"
-        status, prompt_tokens, completion_tokens = None, 0, 0
+        prompt_tokens = completion_tokens = 0
         try:
-            if model not in self._config.base_models:
-                raise NotFound(f"model {model!r} is not served here; ListModels lists {self._config.base_models}")
-            remaining = context.time_remaining()
-            deadline = time.time() + remaining if remaining is not None else None
-            domain = to_generation_request(request, request_id, deadline)
-            async with contextlib.aclosing(self._router.generate(model, domain)) as chunks:
-                async for chunk in chunks:
-                    if chunk.usage is not None:
-                        prompt_tokens = chunk.usage.prompt_tokens
-                        completion_tokens = chunk.usage.completion_tokens
-                    yield model, request_id, chunk
-            status = "OK"
-        except asyncio.CancelledError:
-            raise  # the client went away or its deadline passed; logged below
-        except Exception as error:
-            status = status_code_name(error)
-            if status == "INTERNAL":
-                log.exception("request %s failed", request_id)
-            await context.abort(getattr(grpc.StatusCode, status), str(error)[:4000])
+            async with call.answering():
+                self._check_model(model)
+                domain = to_generation_request(request, call.request_id, call.deadline())
+                async with contextlib.aclosing(self._router.generate(model, domain)) as chunks:
+                    async for chunk in chunks:
+                        if chunk.usage is not None:
+                            prompt_tokens = chunk.usage.prompt_tokens
+                            completion_tokens = chunk.usage.completion_tokens
+                        yield model, call.request_id, chunk
         finally:
-            status = status or _cancellation_status(context)
-            log.info("request id=%s rpc=%s model=%s strategy=%s prompt_tokens=%d completion_tokens=%d "
-                     "latency_ms=%.1f status=%s", request_id, rpc, model, strategy, prompt_tokens,
-                     completion_tokens, 1000 * (time.monotonic() - started), status)
+            call.log(f"rpc={rpc} model={model} strategy={strategy} prompt_tokens={prompt_tokens} "
+                     f"completion_tokens={completion_tokens}")
 
     async def Rerank(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "Rerank (listwise single-token reranking) is declared in the API but not implemented yet")
+        call = _Call(context, request.request_id or uuid.uuid4().hex)
+        model = request.model or self._config.default_reranker
+        usage = pb.Usage()
+        try:
+            async with call.answering():
+                self._check_model(model)
+                params = rerank.from_proto(request)
+                outcome = await self._router.rerank(model, rerank.RerankJob(call.request_id, params, call.deadline()))
+                response = rerank.outcome_to_proto(outcome, params, call.request_id, model)
+                usage = response.usage
+                return response
+        finally:
+            call.log(f"rpc=Rerank model={model} passages={len(request.passages)} prompt_tokens={usage.prompt_tokens} "
+                     f"completion_tokens={usage.completion_tokens} "
+                     f"forward_passes={sum(usage.forward_passes.values())}")
 
     async def ListModels(self, request, context):
         models = []

@@ -133,6 +133,11 @@ TWO_MODELS = {"m": {"path": "x"}, "small": {"path": "y", "early_exit_layers": 4}
     ({"base": "m", "guides": {"a": {"model": "small", "roles": ["expert:"]}}}, "groups.g.guides.a.roles"),
     ({"base": "m", "guides": {"a": {"model": "small"}}}, "groups.g.guides.a"),
     ({"base": "m", "guides": {"a": {"model": "small", "roles": ["amateur"], "temp": 1}}}, "unknown key(s) ['temp']"),
+    ({"base": "m", "guides": {"r": {"model": "small", "roles": ["reranker"]}}}, "a reranker runs on the group's base"),
+    ({"base": "m", "guides": {"j": {"model": "small", "roles": ["judge"]}}}, "a judge runs on the group's base"),
+    ({"base": "m", "rerank": {"max_passages": 0}}, "groups.g.rerank.max_passages: a whole number >= 1"),
+    ({"base": "m", "rerank": {"windows": 3}}, "groups.g.rerank: unknown key(s) ['windows']"),
+    ({"base": "m", "best_of_n": {"max_n": True}}, "groups.g.best_of_n.max_n: a whole number >= 1"),
     ({"base": "m", "refusal": {}}, "groups.g.refusal: give either `tokens`"),
     ({"base": "m", "refusal": {"tokens": {"refuse": "[refuse]"}}}, "with `respond_token` set"),
     ({"base": "m", "refusal": {"prefixes": {"refuse": []}}}, "non-empty list of prefix strings"),
@@ -146,3 +151,14 @@ def test_bad_guides_and_refusal_configs_are_refused(group, message):
 def test_early_exit_needs_transformers_and_positive_layers():
     with pytest.raises(ConfigError, match="early_exit_layers: must be >= 1"):
         parse_chorus_config({"models": {"m": {"path": "x", "early_exit_layers": 0}}, "groups": {"g": {"base": "m"}}})
+
+
+def test_a_rerank_call_without_a_model_goes_to_the_group_with_a_reranker():
+    models = {"m": {"path": "x"}, "n": {"path": "y"}}
+    plain = {"g": {"base": "m"}, "h": {"base": "n"}}
+    assert parse_chorus_config({"models": models, "groups": plain}).default_reranker == "m"
+    ranked = {"g": {"base": "m"}, "h": {"base": "n", "rerank": {"max_passages": 200},
+                                        "guides": {"r": {"model": "n", "roles": ["reranker"]}}}}
+    config = parse_chorus_config({"models": models, "groups": ranked})
+    assert config.default_reranker == "n" and config.default_model == "m"
+    assert config.groups["h"].rerank.max_passages == 200 and config.groups["h"].rerank.max_permutations == 8

@@ -174,3 +174,24 @@ def test_logit_bias_steers_the_first_token(engine):
         return [t async for c in engine.generate(request, logit_bias={target: 100.0}) for t in c.token_ids]
 
     assert run(biased())[0] == target
+
+
+def test_rerank_from_vllm_log_probs_equals_the_transformers_engine_raw_logits(engine):
+    """The same windows ranked from vLLM's logprob_token_ids and from the transformers engine's raw logits."""
+    from decoding import rerank as rr
+    from server.strategies.rerank import Reranker, RerankJob
+    from tests.test_rerank_engine import FACTS, QUERY
+
+    group = GroupSpec("g", "smollm2", max_batch_size=1)
+    reference = TransformersEngine(ModelSpec("smollm2", EMBEDDED, max_model_len=1024), group)
+    try:
+        for count in (len(FACTS), 25):
+            params = rr.RerankParams(QUERY, tuple(f"{FACTS[i % len(FACTS)]} ({i})" for i in range(count)),
+                                     window_size=8, stride=4).validate()
+            got = run(Reranker(engine, group).run(RerankJob("v", params)))
+            want = asyncio.run(Reranker(reference, group).run(RerankJob("t", params)))
+            assert got.ranking == want.ranking, count
+            assert [(w.start, w.end, w.prompt_tokens) for w in got.windows] == [
+                (w.start, w.end, w.prompt_tokens) for w in want.windows]
+    finally:
+        reference.shutdown()

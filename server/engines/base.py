@@ -8,6 +8,7 @@ themselves (the transformers engine steps all live sequences together; vLLM sche
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 from typing import AsyncIterator, Sequence
 
@@ -49,6 +50,17 @@ class GenerationChunk:
     progress: object | None = None
 
 
+async def whole_completion(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:
+    """A streamed completion as one chunk (text, ids, and the last chunk's finish, usage and seed)."""
+    text, ids, last = [], [], None
+    async with contextlib.aclosing(chunks) as stream:
+        async for chunk in stream:
+            text.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            last = chunk
+    return GenerationChunk("".join(text), ids, last.finish_reason, last.usage, last.seed, last.report)
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineInfo:
     engine: str
@@ -68,6 +80,8 @@ class Engine(abc.ABC):
     # request-level strategies need to build prompts that fit.
     tokenizer: object
     max_model_len: int
+    # Most candidate ids one `score` call may read; None: no limit.
+    score_id_limit: int | None = None
 
     @abc.abstractmethod
     def info(self) -> EngineInfo: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from decoding.chat import ChatMessage
 from decoding.errors import InvalidArgument
 from server.engines.base import GenerationRequest
 
@@ -28,6 +29,16 @@ def render_prompt(tokenizer, request: GenerationRequest) -> list[int]:
                                              add_generation_prompt=True, tokenize=False)
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(request.prompt)
+
+
+def chat_prompt_text(tokenizer, messages: Sequence[ChatMessage], reply_prefix: str = "") -> str:
+    """Chat messages through the model's chat template, the assistant's reply begun with `reply_prefix`, as a raw
+    prompt: the leading special tokens that encoding the text adds again (a BOS) are cut, so the engine's encoding
+    of it is the template's own."""
+    text = tokenizer.apply_chat_template([dataclasses.asdict(m) for m in messages], add_generation_prompt=True,
+                                         tokenize=False) + reply_prefix
+    added = tokenizer.decode(tokenizer.encode(""))
+    return text[len(added):] if added and text.startswith(added) else text
 
 
 def prompt_token_ids(tokenizer, request: GenerationRequest, max_model_len: int, reserve: int | None = None

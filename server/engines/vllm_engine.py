@@ -27,6 +27,7 @@ import time
 import uuid
 from typing import AsyncIterator, Sequence
 
+from decoding.errors import InvalidArgument
 from decoding.plans import PlanSpec
 from server.config import ChorusConfig, GroupSpec, ModelSpec
 from server.engines.base import Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, Usage
@@ -83,6 +84,7 @@ class VLLMEngine(Engine):
             engine_args["max_model_len"] = model.max_model_len
         vllm_config = AsyncEngineArgs(model=path, dtype=model.dtype, **engine_args).create_engine_config()
         self.max_model_len = vllm_config.model_config.max_model_len
+        self.score_id_limit = vllm_config.model_config.max_logprobs
         models = config.models if config else {model.name: model}
         slots = guide_slots(group, vllm_config.scheduler_config.max_num_seqs)
         self._reports = vllm_fusion.ReportChannel()
@@ -219,6 +221,9 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams as VLLMSamplingParams
 
         candidates = check_token_ids("candidate_ids", candidate_ids, len(self.tokenizer))
+        if len(candidates) > self.score_id_limit:
+            raise InvalidArgument("candidate_ids", f"{len(candidates)} ids; this vLLM engine reads at most "
+                                                   f"{self.score_id_limit} (its engine argument max_logprobs)")
         prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len, reserve=1)
         final = await self._final_output(request, prompt_ids, VLLMSamplingParams(
             max_tokens=1, temperature=0, logprob_token_ids=candidates))

@@ -10,7 +10,6 @@ prompt if the group has one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import math
 import random
@@ -23,8 +22,8 @@ from decoding.errors import InvalidArgument
 from decoding.sampling import SamplingParams
 from decoding.strategies import BestOfNCandidate, BestOfNParams, BestOfNProgress, BestOfNReport
 from server.config import GroupSpec, GuideSpec
-from server.engines.base import Engine, GenerationChunk, GenerationRequest, Usage
-from server.engines.prompts import render_prompt
+from server.engines.base import Engine, GenerationChunk, GenerationRequest, Usage, whole_completion
+from server.engines.prompts import chat_prompt_text, render_prompt
 from server.errors import FailedPrecondition
 from server.strategies.protobuf import optionals
 
@@ -152,7 +151,7 @@ class Judge:
                                   f"{self.engine.max_model_len} tokens")
         sampling = SamplingParams(max_tokens=min(judge_token_limit(self.group, self.p), room), temperature=0.0,
                                   stop=(f"</{bon.TAG_B}>",))
-        chunk = await _whole(self.engine.generate(self._request(sampling, messages=messages)))
+        chunk = await whole_completion(self.engine.generate(self._request(sampling, messages=messages)))
         self.work.add(chunk.usage)
         self.work.judge_tokens += len(chunk.token_ids)
         verdict = bon.parse_verdict(chunk.text)
@@ -173,20 +172,12 @@ class Judge:
         """p(Correct) / (p(Correct) + p(Incorrect)) for the verdict word after the judge's reply began with
         `reply_prefix`: one forward of the prompt (`score`)."""
         tokenizer = self.engine.tokenizer
-        text = tokenizer.apply_chat_template([dataclasses.asdict(m) for m in self._messages(user)],
-                                             add_generation_prompt=True, tokenize=False) + reply_prefix
-        text = _without_auto_special_tokens(tokenizer, text)
+        text = chat_prompt_text(tokenizer, self._messages(user), reply_prefix)
         correct, incorrect = _verdict_token_ids(tokenizer, text)
         sampling = SamplingParams(max_tokens=1, temperature=0.0)
         logprobs = await self.engine.score(self._request(sampling, prompt=text), [correct, incorrect])
         self.work.forward_passes[self.group.base] = self.work.forward_passes.get(self.group.base, 0) + 1
         return 1.0 / (1.0 + math.exp(logprobs[1] - logprobs[0]))
-
-
-def _without_auto_special_tokens(tokenizer, text: str) -> str:
-    """A rendered chat text sent as a raw prompt: drop the leading special tokens its encoding adds again (a BOS)."""
-    added = tokenizer.decode(tokenizer.encode(""))
-    return text[len(added):] if added and text.startswith(added) else text
 
 
 def _verdict_token_ids(tokenizer, text: str) -> tuple[int, int]:
@@ -203,17 +194,6 @@ def _verdict_token_ids(tokenizer, text: str) -> tuple[int, int]:
         raise FailedPrecondition("this tokenizer starts 'Correct' and 'Incorrect' with the same token; SCORE verdicts "
                                  "cannot be read with it (use VERDICT_GENERATE)")
     return firsts[0], firsts[1]
-
-
-async def _whole(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:
-    """A streamed completion as one chunk (text, ids, and the last chunk's finish, usage and seed)."""
-    text, ids, last = [], [], None
-    async with contextlib.aclosing(chunks) as stream:
-        async for chunk in stream:
-            text.append(chunk.text)
-            ids.extend(chunk.token_ids)
-            last = chunk
-    return GenerationChunk("".join(text), ids, last.finish_reason, last.usage, last.seed, last.report)
 
 
 def question_of(request: GenerationRequest) -> str:
@@ -290,7 +270,7 @@ async def _candidates(engine: Engine, request: GenerationRequest, p: BestOfNPara
     if p.candidates is None:
         return await engine.sample_n(dataclasses.replace(request, sampling=sampling, strategy=None), p.n)
     return list(await asyncio.gather(*(
-        _whole(engine.generate(dataclasses.replace(
+        whole_completion(engine.generate(dataclasses.replace(
             request, request_id=f"{request.request_id}-c{i}", strategy=p.candidates,
             sampling=dataclasses.replace(sampling, seed=(sampling.seed + i) % 2**63))))
         for i in range(p.n))))

@@ -135,3 +135,13 @@ def wait_for_load(stub, expected: tuple[int, int] = (0, 0), timeout: float = 60)
             return
         assert time.monotonic() < deadline, f"(running, waiting) is {seen}, expected {expected}"
         time.sleep(0.1)
+
+
+def wait_for_log_line(server, needle: str, timeout: float = 30) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        lines = [line for line in server.log().splitlines() if needle in line]
+        if lines:
+            return lines[-1]
+        time.sleep(0.5)
+    raise AssertionError(f"no log line with {needle!r}")

@@ -12,11 +12,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chorus.v1 import decoding_pb2 as pb
+from tests.integration.conftest import wait_for_log_line
 from tests.integration.best_of_n_checks import (  # noqa: F401  (best-of-N over this module's server)
     test_a_deadline_in_the_middle_of_the_bracket_frees_every_slot,
     test_bad_best_of_n_knobs_are_invalid_argument_naming_the_field,
     test_best_of_n_unary_and_streaming_give_the_winner_with_its_bracket, test_best_of_n_with_every_knob_at_its_default,
     test_best_of_n_with_generated_verdicts_and_composed_candidates)
+from tests.integration.rerank_checks import (  # noqa: F401  (reranking over this module's server)
+    test_bad_rerank_input_is_invalid_argument_naming_the_field, test_cli_rerank,
+    test_rerank_generate_mode_and_permutations, test_rerank_ranks_every_passage_window_by_window,
+    test_rerank_unknown_model_is_not_found_and_a_deadline_stops_the_windows)
 from tests.integration.strategy_checks import (  # noqa: F401  (collected and run against this module's server)
     strategy_runs, test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only,
     test_bad_strategy_knobs_are_refused_with_a_usable_message,
@@ -124,13 +129,6 @@ def test_eight_concurrent_greedy_requests_equal_their_solo_runs(stub):
     assert together == solo
 
 
-def test_rerank_is_unimplemented(stub):
-    with pytest.raises(grpc.RpcError) as info:
-        stub.Rerank(pb.RerankRequest(query="capital of France", passages=["Paris is the capital.", "Cats purr."]),
-                    timeout=30)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 def test_health_is_serving(channel):
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "chorus.v1.Decoding"):
@@ -182,16 +180,6 @@ def test_bad_input_is_invalid_argument_naming_the_field(stub, request_, field):
             call(request_, timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details().startswith(field), info.value.details()
-
-
-def wait_for_log_line(server, needle: str, timeout: float = 30) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        lines = [line for line in server.log().splitlines() if needle in line]
-        if lines:
-            return lines[-1]
-        time.sleep(0.5)
-    raise AssertionError(f"no log line with {needle!r}")
 
 
 def test_each_request_leaves_one_log_line(stub, server):

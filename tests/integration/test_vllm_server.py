@@ -11,6 +11,10 @@ from tests.integration.best_of_n_checks import (  # noqa: F401  (best-of-N over 
     test_bad_best_of_n_knobs_are_invalid_argument_naming_the_field,
     test_best_of_n_unary_and_streaming_give_the_winner_with_its_bracket, test_best_of_n_with_every_knob_at_its_default,
     test_best_of_n_with_generated_verdicts_and_composed_candidates)
+from tests.integration.rerank_checks import (  # noqa: F401  (reranking on vLLM's log-probs)
+    test_bad_rerank_input_is_invalid_argument_naming_the_field, test_rerank_generate_mode_and_permutations,
+    test_rerank_ranks_every_passage_window_by_window,
+    test_rerank_unknown_model_is_not_found_and_a_deadline_stops_the_windows)
 from tests.integration.strategy_checks import (  # noqa: F401  (the fusion logits processor inside vLLM)
     strategy_runs, test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only,
     test_bad_strategy_knobs_are_refused_with_a_usable_message, test_every_strategy_and_mode_answers_with_its_report,
