@@ -16,6 +16,7 @@ from decoding import rerank as rr
 from decoding.errors import InvalidArgument
 from server.config import GroupSpec, GuideSpec, ModelSpec, RerankSpec
 from server.engines.prompts import load_tokenizer
+from server.engines import transformers_engine
 from server.engines.transformers_engine import TransformersEngine
 from server.errors import DeadlineExceeded
 from server.models import resolve_model_path
@@ -96,7 +97,7 @@ def test_the_sliding_window_equals_a_naive_recompute(reranker, hf_model, tokeniz
     assert outcome.usage.forward_passes == {"smollm2": 9} and all(w.forward_passes == 1 for w in outcome.windows)
 
 
-def test_concurrent_queries_equal_their_solo_runs(reranker):
+def test_concurrent_queries_equal_their_solo_runs(reranker, monkeypatch):
     queries = [QUERY, "Which fruit has potassium?", "Where is the Eiffel Tower?"]
     lists = [[f"{FACTS[(i * 7 + q) % len(FACTS)]} ({i})" for i in range(30)] for q in range(3)]
     solo = [rerank(reranker, passages, query).ranking for query, passages in zip(queries, lists)]
@@ -104,6 +105,8 @@ def test_concurrent_queries_equal_their_solo_runs(reranker):
     async def together():
         return await asyncio.gather(*(reranker.run(RerankJob(f"c{i}", rr.RerankParams(q, tuple(p)).validate()))
                                       for i, (q, p) in enumerate(zip(queries, lists))))
+    assert [o.ranking for o in asyncio.run(together())] == solo
+    monkeypatch.setattr(transformers_engine, "JOB_TOKENS", 600)  # one window a forward: batches split by length
     assert [o.ranking for o in asyncio.run(together())] == solo
 
 

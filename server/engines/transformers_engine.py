@@ -46,8 +46,11 @@ from server.errors import DeadlineExceeded, FailedPrecondition, ResourceExhauste
 from server.models import resolve_model_path
 
 log = logging.getLogger(__name__)
-# Score/loglik jobs batched into one forward read at most this many next-token distributions (rows × kept positions).
+# Score/loglik jobs batched into one forward read at most this many next-token distributions (rows × kept positions)
+# and feed at most this many tokens (rows × the longest, left-padded; a job longer than that runs alone): the
+# attention of a batch of long prompts (reranking windows of 2-3k tokens) grows with rows × length².
 JOB_ROWS = 1024
+JOB_TOKENS = 16384
 
 def stop_token_ids(tokenizer, model_config, generation_config) -> frozenset[int]:
     ids = set()
@@ -374,14 +377,17 @@ class TransformersEngine(Engine):
         return collections.Counter({self._host.base_model: sum(len(s.forks) for s in self._prefilling.values())})
 
     def _run_jobs(self) -> None:
-        """Score and loglik jobs, in arrival order, batched into forwards of at most JOB_ROWS distributions."""
+        """Score and loglik jobs, in arrival order, batched into forwards of at most JOB_ROWS distributions and
+        JOB_TOKENS tokens."""
         while self._jobs:
-            batch, width = [], 0
+            batch, width, longest = [], 0, 0
             for job in self._jobs:
-                if batch and max(width, job.keep) * (len(batch) + 1) > JOB_ROWS:
+                rows = len(batch) + 1
+                if batch and (max(width, job.keep) * rows > JOB_ROWS
+                              or max(longest, len(job.sequence)) * rows > JOB_TOKENS):
                     break
                 batch.append(job)
-                width = max(width, job.keep)
+                width, longest = max(width, job.keep), max(longest, len(job.sequence))
             log_probs = self._host.runners[self._spec.name].tail_log_probs([job.sequence for job in batch], width)
             for job, row in zip(batch, log_probs):
                 self._retire(job)
