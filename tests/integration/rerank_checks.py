@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -69,6 +70,15 @@ def test_rerank_unknown_model_is_not_found_and_a_deadline_stops_the_windows(stub
     long = [" ".join([fact] * 20) for fact in FACTS * 16]
     assert status_of(lambda: stub.Rerank(pb.RerankRequest(query=QUERY, passages=long), timeout=1.0)
                      ) == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for_load(stub)
+
+
+def test_a_cancelled_rerank_stops_its_windows(stub, server):
+    long = [" ".join([fact] * 20) for fact in FACTS * 16]
+    call = stub.Rerank.future(pb.RerankRequest(query=QUERY, passages=long, request_id="rr-cancel"), timeout=300)
+    time.sleep(1.0)  # its first window is in the engine
+    call.cancel()
+    assert "status=CANCELLED" in wait_for_log_line(server, "id=rr-cancel ")
     wait_for_load(stub)
 
 

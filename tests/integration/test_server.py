@@ -19,8 +19,8 @@ from tests.integration.best_of_n_checks import (  # noqa: F401  (best-of-N over 
     test_best_of_n_unary_and_streaming_give_the_winner_with_its_bracket, test_best_of_n_with_every_knob_at_its_default,
     test_best_of_n_with_generated_verdicts_and_composed_candidates)
 from tests.integration.rerank_checks import (  # noqa: F401  (reranking over this module's server)
-    test_bad_rerank_input_is_invalid_argument_naming_the_field, test_cli_rerank,
-    test_rerank_generate_mode_and_permutations, test_rerank_ranks_every_passage_window_by_window,
+    test_a_cancelled_rerank_stops_its_windows, test_bad_rerank_input_is_invalid_argument_naming_the_field,
+    test_cli_rerank, test_rerank_generate_mode_and_permutations, test_rerank_ranks_every_passage_window_by_window,
     test_rerank_unknown_model_is_not_found_and_a_deadline_stops_the_windows)
 from tests.integration.strategy_checks import (  # noqa: F401  (collected and run against this module's server)
     strategy_runs, test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only,
