@@ -182,7 +182,8 @@ def plot(report: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     rows = report["quality"]
-    left.bar([f"{r['row']}\n({r['queries']} q)" for r in rows], [r["ndcg10"] for r in rows],
+    short = {"FIRST (first token)": "first token", "generate permutation": "generate"}
+    left.bar([f"{short.get(r['row'], r['row'])}\n({r['queries']} q)" for r in rows], [r["ndcg10"] for r in rows],
              color=["grey", "tab:blue", "grey", "tab:blue", "tab:orange"])
     left.set_ylabel("nDCG@10")
     left.set_title(f"TREC DL20, {report['model']}")
