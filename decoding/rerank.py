@@ -8,8 +8,9 @@ write the permutation "[B] > [A] > …":
     order(window) = argsort over identifiers c of  −log p(reply starts "[c" | prompt)      (ties: input order)
 
 one forward per window where the tokenizer spells "[c" as "[" + one letter token (then the order is that of
-log p(c | prompt + "[")); see `identifier_reads` for tokenizers that merge "[c" into one token. A sliding window of W passages moving by S runs from the bottom of the list to the top, each
-window reordering its slice in place, so good passages bubble up: for N > W, 1 + ⌈(N − W)/S⌉ windows
+log p(c | prompt + "[")); see `identifier_reads` for tokenizers that merge "[c" into one token. A sliding window of
+W passages moving by S runs from the bottom of the list to the top, each window reordering its slice in place, so
+good passages bubble up: for N > W, 1 + ⌈(N − W)/S⌉ windows
 
     [N−W, N), [N−W−S, N−S), …, [0, ·)          (the top window may be shorter than W)
 

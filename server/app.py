@@ -45,6 +45,14 @@ class RemoteError:
         return error
 
 
+def _remote_error(error: Exception, request_id: str) -> RemoteError:
+    """A replica's failure as the in-band error the front end re-raises with the same status code."""
+    code = status_code_name(error)
+    if code == "INTERNAL":
+        log.exception("request %s failed in the engine", request_id)
+    return RemoteError(code=code, message=str(error))
+
+
 def make_engine(config: ChorusConfig, group_name: str):
     group = config.groups[group_name]
     model = config.models[group.base]
@@ -72,19 +80,13 @@ class ModelGroup:
                 async for chunk in chunks:
                     yield chunk
         except Exception as error:
-            code = status_code_name(error)
-            if code == "INTERNAL":
-                log.exception("request %s failed in the engine", request.request_id)
-            yield RemoteError(code=code, message=str(error))
+            yield _remote_error(error, request.request_id)
 
     async def rerank(self, job: RerankJob) -> RerankOutcome | RemoteError:
         try:
             return await self._reranker.run(job)
         except Exception as error:
-            code = status_code_name(error)
-            if code == "INTERNAL":
-                log.exception("rerank %s failed in the engine", job.request_id)
-            return RemoteError(code=code, message=str(error))
+            return _remote_error(error, job.request_id)
 
     def describe(self) -> dict:
         info, load = self._engine.info(), self._engine.load()
