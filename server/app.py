@@ -9,8 +9,10 @@ calls the group deployments through handles (about 1.5 ms a call on loopback her
 proxy). One front-end replica binds one address; scale it out with one per node behind a Service/LB.
 
 Errors cross the handle in-band: a replica's generator yields a `RemoteError` as its last item instead of raising,
-so the status code chosen in the replica reaches the client unchanged. A replica that dies mid-request (a crash, an
-OOM kill, its node gone) is UNAVAILABLE: Serve starts a new one, and the client's retry reaches it.
+so the status code chosen in the replica reaches the client unchanged. A replica lost mid-request (a crash, an OOM
+kill, its node gone) is never INTERNAL: a request the client has seen nothing of yet (no token streamed; every unary
+call) is sent once more to a live replica within its deadline, and one that has streamed tokens ends UNAVAILABLE
+(retryable) after them. Serve replaces the lost replica.
 """
 
 from __future__ import annotations
@@ -19,17 +21,24 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from typing import AsyncIterator
+import time
+from typing import TYPE_CHECKING, AsyncIterator
 
+import ray
 from ray import serve
 from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from server.config import ChorusConfig, parse_chorus_config
+from server.config import NODE_IP, ChorusConfig, parse_chorus_config
 from server.engines.base import GenerationChunk, GenerationRequest
 from server.errors import ChorusError, Unavailable, status_code_name
 from server.strategies import registry
 from server.strategies.rerank import RerankJob, RerankOutcome, Reranker
+
+
+if TYPE_CHECKING:
+    from server.service import Route  # the front end's (imported there lazily: a group replica needs no gRPC)
 
 log = logging.getLogger("ray.serve")
 
@@ -53,6 +62,16 @@ def _remote_error(error: Exception, request_id: str) -> RemoteError:
     return RemoteError(code=code, message=str(error))
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Which replica serves a request: the first item of a generate stream, the first half of a rerank reply."""
+    replica: str  # Serve's id of the replica, unique within its deployment
+    node: str  # the IP address of its Ray node
+
+    def __str__(self) -> str:
+        return f"{self.replica}@{self.node}"
+
+
 def make_engine(config: ChorusConfig, group_name: str):
     group = config.groups[group_name]
     model = config.models[group.base]
@@ -73,8 +92,12 @@ class ModelGroup:
         self._group = self._config.groups[group_name]
         self._engine = make_engine(self._config, group_name)
         self._reranker = Reranker(self._engine, self._group)
+        self._placement = Placement(replica=serve.get_replica_context().replica_id.unique_id,
+                                    node=ray.util.get_node_ip_address())
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk | RemoteError]:
+    async def generate(self, request: GenerationRequest
+                       ) -> AsyncIterator[Placement | GenerationChunk | RemoteError]:
+        yield self._placement
         try:
             async with contextlib.aclosing(registry.generate(self._engine, self._group, request)) as chunks:
                 async for chunk in chunks:
@@ -82,15 +105,16 @@ class ModelGroup:
         except Exception as error:
             yield _remote_error(error, request.request_id)
 
-    async def rerank(self, job: RerankJob) -> RerankOutcome | RemoteError:
+    async def rerank(self, job: RerankJob) -> tuple[Placement, RerankOutcome | RemoteError]:
         try:
-            return await self._reranker.run(job)
+            return self._placement, await self._reranker.run(job)
         except Exception as error:
-            return _remote_error(error, job.request_id)
+            return self._placement, _remote_error(error, job.request_id)
 
     def describe(self) -> dict:
         info, load = self._engine.info(), self._engine.load()
-        return {"model": self._group.base, "group": self._group.name, **dataclasses.asdict(info),
+        return {"model": self._group.base, "group": self._group.name, "replica": str(self._placement),
+                **dataclasses.asdict(info),
                 "running": load.running, "waiting": load.waiting,
                 "strategies": {**self._engine.strategy_support(), "rerank": self._reranker.unavailable}}
 
@@ -100,57 +124,117 @@ class ModelGroup:
             engine.shutdown()
 
 
-# What a handle call raises when the replica's process or node is gone; the front end answers UNAVAILABLE.
-REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError)
+# What a handle call raises when the replica's process or node is gone (or Serve's router learns it is, between
+# choosing and calling it); the front end answers UNAVAILABLE or tries a live replica.
+REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError)
+# How long ListModels waits for every replica of a group to describe itself before it asks any one of them.
+DESCRIBE_TIMEOUT_S = 5.0
 
 
-@contextlib.contextmanager
-def _replica_loss_is_unavailable(what: str):
-    try:
-        yield
-    except REPLICA_LOST as error:
-        raise Unavailable(f"the replica serving {what} was lost ({type(error).__name__}); Serve is starting another: "
-                          "retry the request") from error
+def _lost(what: str, error: Exception, after: str) -> Unavailable:
+    return Unavailable(f"the replica serving {what} was lost {after} ({type(error).__name__}); Serve is starting "
+                       "another: retry the request")
+
+
+def _may_retry(request_id: str, deadline: float | None, route: "Route", error: Exception, what: str) -> bool:
+    """Whether a request the client has seen nothing of yet is sent once more, to a live replica: once at most, and
+    only while its deadline leaves time. Says so in the log."""
+    if route.retries or (deadline is not None and time.time() >= deadline):
+        return False
+    route.retries += 1
+    replica = f"the replica {route.replica}" if route.replica else "its replica"
+    log.warning("request %s: %s serving %s was lost (%s: %s); sending it once more to a live replica",
+                request_id, replica, what, type(error).__name__, str(error).splitlines()[0][:200])
+    return True
 
 
 class HandleRouter:
-    """Routes a request to its model's group deployment and unpacks the stream."""
+    """Routes a request to its model's group deployment, unpacks the stream and survives the loss of a replica."""
 
     def __init__(self, config: ChorusConfig, groups: dict[str, DeploymentHandle]):
         self._config = config
         self._handles = {config.groups[name].base: handle for name, handle in groups.items()}
 
-    async def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        stream = self._handles[model].options(stream=True).generate.remote(request)
-        try:
-            with _replica_loss_is_unavailable(f"model {model!r}"):
+    async def generate(self, model: str, request: GenerationRequest, route: "Route", *, whole: bool = False
+                       ) -> AsyncIterator[GenerationChunk]:
+        """The request's chunks. `whole`: the caller answers only once the request is done (unary Generate), so
+        the chunks are held back until then, and a lost replica's partial work can be redone on another."""
+        what = f"model {model!r}"
+        while True:
+            stream = self._handles[model].options(stream=True).generate.remote(request)
+            held: list[GenerationChunk] = []
+            streamed = False
+            try:
                 async for item in stream:
-                    if isinstance(item, RemoteError):
+                    if isinstance(item, Placement):
+                        route.replica = str(item)
+                    elif isinstance(item, RemoteError):
                         raise item.to_exception()
-                    yield item
-        finally:
-            stream.cancel()  # no-op when the stream ended; aborts the engine work when the client went away
+                    elif whole:
+                        held.append(item)
+                    else:
+                        streamed = True
+                        yield item
+            except REPLICA_LOST as error:
+                if streamed:
+                    raise _lost(what, error, "after streaming part of the answer") from error
+                if not _may_retry(request.request_id, request.deadline, route, error, what):
+                    raise _lost(what, error, "before answering") from error
+                continue
+            finally:
+                stream.cancel()  # no-op when the stream ended; aborts the engine work when the client went away
+            for chunk in held:
+                yield chunk
+            return
 
-    async def rerank(self, model: str, job: RerankJob) -> RerankOutcome:
-        response = self._handles[model].rerank.remote(job)
-        try:
-            with _replica_loss_is_unavailable(f"model {model!r}"):
-                outcome = await response
-        except asyncio.CancelledError:
-            response.cancel()  # the client went away: abort the windows in the engine
-            raise
-        if isinstance(outcome, RemoteError):
-            raise outcome.to_exception()
-        return outcome
+    async def rerank(self, model: str, job: RerankJob, route: "Route") -> RerankOutcome:
+        what = f"model {model!r}"
+        while True:
+            response = self._handles[model].rerank.remote(job)
+            try:
+                placement, outcome = await response
+            except asyncio.CancelledError:
+                response.cancel()  # the client went away: abort the windows in the engine
+                raise
+            except REPLICA_LOST as error:
+                if not _may_retry(job.request_id, job.deadline, route, error, what):
+                    raise _lost(what, error, "before answering") from error
+                continue
+            route.replica = str(placement)
+            if isinstance(outcome, RemoteError):
+                raise outcome.to_exception()
+            return outcome
 
     async def describe(self) -> list[dict]:
-        with _replica_loss_is_unavailable("a model group"):
-            return list(await asyncio.gather(*(h.describe.remote() for h in self._handles.values())))
+        """Each group as its replicas see it: running and waiting requests summed over its live replicas."""
+        return list(await asyncio.gather(*(self._describe_group(h) for h in self._handles.values())))
+
+    @staticmethod
+    async def _describe_group(handle: DeploymentHandle) -> dict:
+        try:
+            answers = [a for a in await handle.broadcast("describe").results_async(
+                timeout_s=DESCRIBE_TIMEOUT_S, return_exceptions=True) if isinstance(a, dict)]
+        except DeploymentUnavailableError:  # no replica yet (starting, or all being replaced)
+            answers = []
+        except TimeoutError:  # a replica on a node that is going away and not yet known to be gone
+            answers = []
+        if not answers:  # wait for one (raises DeploymentUnavailableError if the group failed to deploy)
+            try:
+                answers = [await handle.describe.remote()]
+            except REPLICA_LOST as error:
+                raise _lost("a model group", error, "while describing it") from error
+        merged = dict(answers[0])
+        merged["running"] = sum(a["running"] for a in answers)
+        merged["waiting"] = sum(a["waiting"] for a in answers)
+        merged["replicas"] = sorted(a["replica"] for a in answers)
+        return merged
 
 
 @serve.deployment(name="frontend", num_replicas=1, ray_actor_options={"num_cpus": 0})
 class Frontend:
-    """The gRPC front end: chorus.v1.Decoding, grpc.health.v1 and reflection on one port."""
+    """The gRPC front end: chorus.v1.Decoding, grpc.health.v1 and reflection on one port. Run one per node
+    (`max_replicas_per_node: 1`) to serve the same API from every node; `frontend.host: node-ip` binds each to its
+    node's address."""
 
     async def __init__(self, args: dict, groups: dict[str, DeploymentHandle]):
         import grpc
@@ -161,6 +245,8 @@ class Frontend:
         from server.service import DecodingService
 
         config = parse_chorus_config(args)
+        self._drain_grace_s = config.frontend.drain_grace_s
+        self._drained: asyncio.Future | None = None
         self._router = HandleRouter(config, groups)
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(maximum_concurrent_rpcs=config.frontend.max_concurrent_rpcs)
@@ -172,11 +258,12 @@ class Frontend:
         self._services = ("", service_name)
         for name in self._services:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{config.frontend.host}:{config.frontend.port}"
-        if self._server.add_insecure_port(address) == 0:
-            raise ChorusError(f"cannot bind the gRPC front end to {address}")
+        host = ray.util.get_node_ip_address() if config.frontend.host == NODE_IP else config.frontend.host
+        self._address = f"{host}:{config.frontend.port}"
+        if self._server.add_insecure_port(self._address) == 0:
+            raise ChorusError(f"cannot bind the gRPC front end to {self._address}")
         await self._server.start()
-        log.info("chorus gRPC front end listening on %s", address)
+        log.info("chorus gRPC front end listening on %s", self._address)
         self._ready = asyncio.get_running_loop().create_task(self._mark_serving_when_groups_answer())
 
     async def _mark_serving_when_groups_answer(self) -> None:
@@ -184,14 +271,33 @@ class Frontend:
         await self._router.describe()  # waits for one replica of every group
         for name in self._services:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("chorus is SERVING")
+        log.info("chorus is SERVING on %s", self._address)
+
+    def address(self) -> str:
+        """Where this front end listens (host:port)."""
+        return self._address
+
+    async def drain(self) -> None:
+        """Graceful drain: health turns NOT_SERVING for good, new RPCs are refused (UNAVAILABLE), and those in
+        flight get `frontend.drain_grace_s` seconds to finish before they are cancelled. Idempotent."""
+        if self._drained is None:
+            self._drained = asyncio.ensure_future(self._drain())
+        await asyncio.shield(self._drained)
+
+    async def _drain(self) -> None:
+        log.info("chorus front end %s draining: NOT_SERVING; requests in flight get up to %.0f s", self._address,
+                 self._drain_grace_s)
+        self._ready.cancel()
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace=self._drain_grace_s)
+        log.info("chorus front end %s drained", self._address)
 
     async def check_health(self) -> None:
-        if self._ready.done() and self._ready.exception() is not None:
+        if self._ready.done() and not self._ready.cancelled() and self._ready.exception() is not None:
             raise RuntimeError(f"model groups failed to start: {self._ready.exception()!r}")
 
     async def __del__(self):
-        await self._server.stop(grace=5)
+        await self.drain()  # Serve stopping this replica (scale-down, redeploy, shutdown) drains it first
 
 
 def build_app(args: dict) -> serve.Application:

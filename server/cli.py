@@ -1,6 +1,7 @@
 """`chorus`: serve a deploy file, call a running server, fetch the embedded models.
 
     chorus serve --config deploy/local.yaml          start Ray + the Serve app in the foreground
+    chorus serve --config FILE --address auto        deploy onto a running Ray cluster (`ray start`) instead
     chorus generate "Hello" [--chat] [--stream] [--best-of-n N [--verbose]]   one request against a running server
     chorus rerank --query Q --passages FILE.jsonl    rank passages for a query with a running server
     chorus models                                    the server's models and strategies
@@ -90,9 +91,46 @@ def _deploy_failure(app_name: str, stop: threading.Event) -> str | None:
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
-    """SIGINT and SIGTERM set `stop`: `chorus serve` then shuts Serve and Ray down and exits 0."""
+    """SIGINT and SIGTERM set `stop`: `chorus serve` then drains the front ends, stops the app and exits 0."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+
+
+def _front_end_addresses(app_name: str, timeout_s: float, stop: threading.Event) -> list[str]:
+    """The address of every front-end replica, once the app's deployments are all RUNNING (models loaded)."""
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(app_name)
+        if app is not None and app.status == "RUNNING":
+            break
+        failure = _deploy_failure(app_name, stop)
+        if failure:
+            raise ConfigError(failure)
+        if time.monotonic() > deadline:
+            raise ConfigError(f"application {app_name!r} not RUNNING after {timeout_s:.0f} s "
+                              f"({app.status if app else 'not deployed'})")
+        time.sleep(1)
+    handle = serve.get_deployment_handle("frontend", app_name)
+    return sorted(handle.broadcast("address").results(timeout_s=60))
+
+
+def _drain(app_name: str, grace_s: float) -> None:
+    """Drains every front-end replica (each waits for its requests in flight, up to `grace_s`)."""
+    from ray import serve
+
+    print(f"[chorus] draining: NOT_SERVING, requests in flight get up to {grace_s:g} s", flush=True)
+    handle = serve.get_deployment_handle("frontend", app_name)
+    try:
+        failures = [f for f in handle.broadcast("drain").results(timeout_s=grace_s + 30, return_exceptions=True)
+                    if f is not None]
+    except Exception as error:  # no front end left to drain (all lost), or the broadcast timed out
+        failures = [error]
+    for failure in failures:
+        print(f"[chorus] a front end did not drain: {failure!r}", file=sys.stderr, flush=True)
 
 
 def _cmd_serve(args) -> int:
@@ -107,8 +145,6 @@ def _cmd_serve(args) -> int:
             from server.engines.vllm_engine import check_engine_args
             check_engine_args(spec)
     check_tokenizers(deploy.chorus)  # and if guides cannot be fused with their base
-    frontend = deploy.chorus.frontend
-    address = f"{frontend.host}:{frontend.port}"
 
     stop = threading.Event()
     _stop_on_signals(stop)
@@ -116,34 +152,53 @@ def _cmd_serve(args) -> int:
     import ray
     from ray import serve
     # serve_start/deploy_apps are what `serve run CONFIG` itself calls: the file keeps Serve's exact semantics
-    # (deployments, autoscaling, resources), and this process owns the local Ray cluster so Ctrl-C leaves none.
+    # (deployments, autoscaling, resources). Without --address this process owns a local Ray cluster, so Ctrl-C
+    # leaves none; with it, the app goes onto a running cluster and only the app is removed on exit.
     from ray.serve._private.api import serve_start
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(deploy.serve_config)
-    ray.init(namespace="serve", include_dashboard=False, object_store_memory=args.object_store_mb * 2**20,
-             log_to_driver=True)
+    if args.address:
+        ray.init(address=args.address, namespace="serve", log_to_driver=True)
+    else:
+        ray.init(address="local", namespace="serve", include_dashboard=False,
+                 object_store_memory=args.object_store_mb * 2**20,
+                 log_to_driver=True)
     _stop_on_signals(stop)  # again: ray.init installs its own SIGTERM handler, which aborts without a clean shutdown
+    deployed = False
     try:
         client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
                              grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
                              controller_options=schema.controller_options)
         client.deploy_apps(schema, _blocking=False)
-        print(f"[chorus] deploying {deploy.path} ...", flush=True)
-        error = wait_until_serving(address, args.ready_timeout, lambda: _deploy_failure(deploy.app_name, stop))
-        if error:
+        deployed = True
+        where = f"the Ray cluster at {args.address}" if args.address else "a local Ray cluster"
+        print(f"[chorus] deploying {deploy.path} onto {where} ...", flush=True)
+        try:
+            addresses = _front_end_addresses(deploy.app_name, args.ready_timeout, stop)
+        except ConfigError as error:
             print(f"[chorus] {error}", file=sys.stderr, flush=True)
             return 1
-        print(f"[chorus] ready: chorus.v1.Decoding on {address} (models: {', '.join(deploy.chorus.base_models)})",
-              flush=True)
-        print(f"[chorus] try: chorus generate --address {address} --chat 'What is the capital of France?'",
+        for address in addresses:
+            error = wait_until_serving(address, args.ready_timeout, lambda: _deploy_failure(deploy.app_name, stop))
+            if error:
+                print(f"[chorus] {address}: {error}", file=sys.stderr, flush=True)
+                return 1
+        print(f"[chorus] ready: chorus.v1.Decoding on {', '.join(addresses)} "
+              f"(models: {', '.join(deploy.chorus.base_models)})", flush=True)
+        print(f"[chorus] try: chorus generate --address {addresses[0]} --chat 'What is the capital of France?'",
               flush=True)
         stop.wait()
+        _drain(deploy.app_name, deploy.chorus.frontend.drain_grace_s)
         print("[chorus] shutting down", flush=True)
         return 0
     finally:
-        serve.shutdown()
+        if args.address:
+            if deployed:
+                serve.delete(deploy.app_name)
+        else:
+            serve.shutdown()
         ray.shutdown()
 
 
@@ -309,7 +364,8 @@ def _cmd_models(args) -> int:
         available = [s.strategy for s in m.strategies if s.available]
         print(f"{m.name}{' (default)' if m.is_default else ''}: {m.role}, group {m.group}, {m.engine} on "
               f"{m.device} {m.dtype}, context {m.max_model_len}; strategies: {', '.join(available)}; "
-              f"running {m.running_requests}, waiting {m.waiting_requests}")
+              f"running {m.running_requests}, waiting {m.waiting_requests}"
+              f"{f' on {len(m.replicas)} replicas' if m.replicas else ''}")
     return 0
 
 
@@ -320,10 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_p = sub.add_parser("serve", help="start the server in the foreground")
     serve_p.add_argument("--config", default="deploy/local.yaml", help="a deploy file (a Ray Serve config)")
+    serve_p.add_argument("--address", help="deploy onto a running Ray cluster (`auto`, or the head's host:port) "
+                         "instead of starting a local one; on exit only the app is removed")
     serve_p.add_argument("--host", help="override frontend.host")
     serve_p.add_argument("--port", type=int, help="override frontend.port")
     serve_p.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for SERVING")
-    serve_p.add_argument("--object-store-mb", type=int, default=512, help="Ray object store size")
+    serve_p.add_argument("--object-store-mb", type=int, default=512, help="Ray object store size (local cluster)")
     serve_p.set_defaults(func=_cmd_serve)
 
     gen = sub.add_parser("generate", help="generate text with a running server")

@@ -135,12 +135,22 @@ class GroupSpec:
         return f"group-{self.name}"
 
 
+# frontend.host: bind each front-end replica to the IP address of the Ray node it runs on.
+NODE_IP = "node-ip"
+
+
 @dataclasses.dataclass(frozen=True)
 class FrontendSpec:
+    # The address to listen on: an IP address or host name, "0.0.0.0" (every interface), or "node-ip" (the address
+    # of the Ray node each front-end replica runs on: with one front end per node, every node serves the API).
     host: str = "127.0.0.1"
     port: int = 50051
     # Concurrent RPCs the front end accepts before answering RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 1024
+    # On shutdown (SIGTERM/SIGINT to `chorus serve`, or Serve stopping the replica): health turns NOT_SERVING, new
+    # RPCs are refused, and the RPCs in flight get this many seconds to finish before they are cancelled. The
+    # frontend deployment's graceful_shutdown_timeout_s must exceed it.
+    drain_grace_s: float = 15.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +195,9 @@ def parse_chorus_config(args: dict) -> ChorusConfig:
               for name, raw in (args.get("models") or {}).items()}
     groups = {name: _parse_group(name, raw) for name, raw in (args.get("groups") or {}).items()}
     frontend = _build(FrontendSpec, "frontend", args.get("frontend") or {})
+    grace = frontend.drain_grace_s
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
+        raise ConfigError(f"frontend.drain_grace_s: seconds >= 0, got {grace!r}")
     if not models:
         raise ConfigError("models: at least one model is required")
     if not groups:
@@ -312,6 +325,21 @@ def _check_vllm_args(spec: ModelSpec) -> None:
         raise ConfigError(f"models.{spec.name}.vllm: set {clashing} as the model's own fields, not here")
 
 
+# Serve's default graceful_shutdown_timeout_s (ray.serve DeploymentConfig): how long Serve lets a stopping replica
+# finish before it kills it.
+SERVE_GRACEFUL_SHUTDOWN_S = 20.0
+
+
+def _check_drain_fits(path: Path, app: dict, frontend: FrontendSpec) -> None:
+    """The front end's drain must end before Serve gives up on the stopping replica and kills it."""
+    entry = next((d for d in app.get("deployments") or [] if d.get("name") == "frontend"), {})
+    timeout = entry.get("graceful_shutdown_timeout_s", SERVE_GRACEFUL_SHUTDOWN_S)
+    if frontend.drain_grace_s >= timeout:
+        raise ConfigError(f"{path}: frontend.drain_grace_s ({frontend.drain_grace_s:g} s) must be shorter than the "
+                          f"frontend deployment's graceful_shutdown_timeout_s ({timeout:g} s), or Serve kills the "
+                          "front end before its requests finish")
+
+
 @dataclasses.dataclass(frozen=True)
 class DeployFile:
     path: Path
@@ -338,4 +366,5 @@ def load_deploy_file(path: str | Path, *, port: int | None = None, host: str | N
     if host is not None:
         frontend["host"] = host
     chorus = parse_chorus_config(args)
+    _check_drain_fits(path, app, chorus.frontend)
     return DeployFile(path=path, serve_config=raw, app_name=app.get("name", "default"), chorus=chorus)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -34,10 +35,22 @@ API_STRATEGIES = tuple(f.name for f in pb.GenerateRequest.DESCRIPTOR.oneofs_by_n
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 
-class GroupRouter(Protocol):
-    def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+@dataclasses.dataclass
+class Route:
+    """Where the router sent one request, for its log line: the replica that answered (the last one tried) and how
+    many times the request was sent again because a replica was lost before answering."""
+    replica: str | None = None
+    retries: int = 0
 
-    async def rerank(self, model: str, job: rerank.RerankJob) -> rerank.RerankOutcome: ...
+    def __str__(self) -> str:
+        return f"replica={self.replica or '-'} retries={self.retries}"
+
+
+class GroupRouter(Protocol):
+    def generate(self, model: str, request: GenerationRequest, route: Route, *, whole: bool = False
+                 ) -> AsyncIterator[GenerationChunk]: ...
+
+    async def rerank(self, model: str, job: rerank.RerankJob, route: Route) -> rerank.RerankOutcome: ...
 
     async def describe(self) -> list[dict]: ...
 
@@ -108,6 +121,7 @@ class _Call:
         self.context, self.request_id = context, request_id
         self.started = time.monotonic()
         self.status: str | None = None
+        self.route = Route()
 
     def deadline(self) -> float | None:
         """The client's deadline as an absolute time.time(), for the engine; None without one."""
@@ -131,7 +145,7 @@ class _Call:
     def log(self, fields: str) -> None:
         """The request's one log line."""
         status = self.status or _cancellation_status(self.context)
-        log.info("request id=%s %s latency_ms=%.1f status=%s", self.request_id, fields,
+        log.info("request id=%s %s %s latency_ms=%.1f status=%s", self.request_id, fields, self.route,
                  1000 * (time.monotonic() - self.started), status)
 
 
@@ -183,8 +197,10 @@ class DecodingService(pb_grpc.DecodingServicer):
             async with call.answering():
                 self._check_model(model)
                 domain = to_generation_request(request, call.request_id, call.deadline())
-                async with contextlib.aclosing(self._router.generate(model, domain)) as chunks:
+                chunks = self._router.generate(model, domain, call.route, whole=rpc == "Generate")
+                async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
+                        completion_tokens += len(chunk.token_ids)  # what was streamed, if it ends early
                         if chunk.usage is not None:
                             prompt_tokens = chunk.usage.prompt_tokens
                             completion_tokens = chunk.usage.completion_tokens
@@ -201,7 +217,8 @@ class DecodingService(pb_grpc.DecodingServicer):
             async with call.answering():
                 self._check_model(model)
                 params = rerank.from_proto(request)
-                outcome = await self._router.rerank(model, rerank.RerankJob(call.request_id, params, call.deadline()))
+                outcome = await self._router.rerank(model, rerank.RerankJob(call.request_id, params, call.deadline()),
+                                                    call.route)
                 response = rerank.outcome_to_proto(outcome, params, call.request_id, model)
                 usage = response.usage
                 return response
@@ -223,7 +240,7 @@ class DecodingService(pb_grpc.DecodingServicer):
                     pb.StrategySupport(strategy=s, available=support.get(s, NOT_BUILT) is None,
                                        reason=support.get(s, NOT_BUILT) or "")
                     for s in API_STRATEGIES + ("rerank",)],
-                running_requests=entry["running"], waiting_requests=entry["waiting"]))
+                running_requests=entry["running"], waiting_requests=entry["waiting"], replicas=entry["replicas"]))
             group = self._config.groups[entry["group"]]
             for guide in group.guides.values():
                 models.append(pb.ModelInfo(

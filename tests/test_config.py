@@ -50,6 +50,8 @@ def test_defaults():
     (with_(default_model="other"), "default_model: 'other'"),
     (with_(extra=1), "args: unknown key(s) ['extra']"),
     (with_(groups={"g": {"base": "m"}, "h": {"base": "m"}}), "already the base of group"),
+    (with_(frontend={"drain_grace_s": -1}), "frontend.drain_grace_s: seconds >= 0"),
+    (with_(frontend={"drain_grace_s": "soon"}), "frontend.drain_grace_s"),
 ])
 def test_bad_configs_are_refused_with_the_field(args, message):
     with pytest.raises(ConfigError) as info:
@@ -162,3 +164,18 @@ def test_a_rerank_call_without_a_model_goes_to_the_group_with_a_reranker():
     config = parse_chorus_config({"models": models, "groups": ranked})
     assert config.default_reranker == "n" and config.default_model == "m"
     assert config.groups["h"].rerank.max_passages == 200 and config.groups["h"].rerank.max_permutations == 8
+
+
+def test_a_drain_longer_than_serve_waits_for_the_front_end_is_refused(tmp_path):
+    import yaml
+    raw = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    app = raw["applications"][0]
+    app["args"]["frontend"]["drain_grace_s"] = 25  # Serve's default graceful_shutdown_timeout_s is 20 s
+    path = tmp_path / "d.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="drain_grace_s .25 s. must be shorter than .* graceful_shutdown_timeout_s "
+                                          r".20 s."):
+        load_deploy_file(path)
+    next(d for d in app["deployments"] if d["name"] == "frontend")["graceful_shutdown_timeout_s"] = 40
+    path.write_text(yaml.safe_dump(raw))
+    assert load_deploy_file(path).chorus.frontend.drain_grace_s == 25

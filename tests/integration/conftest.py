@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.run import free_port
 from chorus.v1 import decoding_pb2 as pb
 from chorus.v1 import decoding_pb2_grpc as pb_grpc
 from server.health import wait_until_serving
@@ -21,47 +21,27 @@ from server.health import wait_until_serving
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ray_processes() -> set[str]:
     out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout
     return set(out.split())
 
 
-def process_table() -> dict[int, tuple[int, str]]:
-    """pid → (parent pid, command line) of every process on the machine."""
-    out = subprocess.run(["ps", "-e", "-ww", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
-    rows = (line.split(None, 2) for line in out.splitlines())
-    return {int(row[0]): (int(row[1]), row[2] if len(row) > 2 else "") for row in rows}
-
-
-def descendants(pid: int) -> dict[int, str]:
-    """pid → command line of every process below `pid` (Ray's raylet, GCS, agents and workers, for a server)."""
-    table, found, frontier = process_table(), {}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, (ppid, args) in table.items():
-            if ppid == parent and child not in found:
-                found[child] = args
-                frontier.append(child)
-    return found
-
-
 class Server:
-    def __init__(self, config: str):
+    """`chorus serve --config CONFIG --port <free port>` in its own process, logging to .pytest_cache/; `args` and
+    `env` add to its command line and environment, `host` is where its (first) front end listens."""
+
+    def __init__(self, config: str, args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 host: str = "127.0.0.1"):
         self.config = config
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{host}:{self.port}"
         self.log_path = ROOT / ".pytest_cache" / f"server-{self.port}.log"
         self.log_path.parent.mkdir(exist_ok=True)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--config", config, "--port", str(self.port)],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            [sys.executable, "-m", "server.cli", "serve", "--config", config, "--port", str(self.port), *args],
+            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
 
     def log(self) -> str:
         return self.log_path.read_text()

