@@ -96,6 +96,10 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
+class NotReady(Exception):
+    """The app failed to deploy, did not come up in time, or `chorus serve` was stopped meanwhile."""
+
+
 def _front_end_addresses(app_name: str, timeout_s: float, stop: threading.Event) -> list[str]:
     """The address of every front-end replica, once the app's deployments are all RUNNING (models loaded)."""
     import time
@@ -109,9 +113,9 @@ def _front_end_addresses(app_name: str, timeout_s: float, stop: threading.Event)
             break
         failure = _deploy_failure(app_name, stop)
         if failure:
-            raise ConfigError(failure)
+            raise NotReady(failure)
         if time.monotonic() > deadline:
-            raise ConfigError(f"application {app_name!r} not RUNNING after {timeout_s:.0f} s "
+            raise NotReady(f"application {app_name!r} not RUNNING after {timeout_s:.0f} s "
                               f"({app.status if app else 'not deployed'})")
         time.sleep(1)
     handle = serve.get_deployment_handle("frontend", app_name)
@@ -177,7 +181,7 @@ def _cmd_serve(args) -> int:
         print(f"[chorus] deploying {deploy.path} onto {where} ...", flush=True)
         try:
             addresses = _front_end_addresses(deploy.app_name, args.ready_timeout, stop)
-        except ConfigError as error:
+        except NotReady as error:
             print(f"[chorus] {error}", file=sys.stderr, flush=True)
             return 1
         for address in addresses:
