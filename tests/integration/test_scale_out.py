@@ -129,8 +129,13 @@ def test_a_front_end_and_a_group_replica_serve_on_each_node(server):
         with grpc.insecure_channel(address) as channel:
             check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert check.status == health_pb2.HealthCheckResponse.SERVING, address
-            listed = replicas(pb_grpc.DecodingStub(channel))
-        assert sorted(r.split("@")[1] for r in listed) == [HEAD, WORKER], listed
+            # A front end is SERVING once it reaches a replica of every group; Serve tells its router of the others
+            # soon after (a long poll), and ListModels lists those it reaches.
+            deadline = time.monotonic() + 60
+            while sorted(r.split("@")[1] for r in (listed := replicas(pb_grpc.DecodingStub(channel)))) != \
+                    [HEAD, WORKER]:
+                assert time.monotonic() < deadline, (address, listed)
+                time.sleep(1)
 
 
 def test_requests_are_balanced_over_the_replicas_on_both_nodes(server, stub):
