@@ -132,9 +132,8 @@ def test_a_front_end_and_a_group_replica_serve_on_each_node(server):
             # A front end is SERVING once it reaches a replica of every group; Serve tells its router of the others
             # soon after (a long poll), and ListModels lists those it reaches.
             deadline = time.monotonic() + 60
-            while sorted(r.split("@")[1] for r in (listed := replicas(pb_grpc.DecodingStub(channel)))) != \
-                    [HEAD, WORKER]:
-                assert time.monotonic() < deadline, (address, listed)
+            while sorted(r.split("@")[1] for r in replicas(pb_grpc.DecodingStub(channel))) != [HEAD, WORKER]:
+                assert time.monotonic() < deadline, (address, replicas(pb_grpc.DecodingStub(channel)))
                 time.sleep(1)
 
 
