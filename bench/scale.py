@@ -30,6 +30,8 @@ import os
 import re
 import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -58,9 +60,6 @@ class Deployment:
     node Serve puts it on (`node`)."""
 
     def __init__(self, cluster: LocalRayCluster, config: Path, log_path: Path):
-        import subprocess
-        import sys
-
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
@@ -90,7 +89,7 @@ class Deployment:
         self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(120)
-        except Exception:
+        except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
