@@ -214,16 +214,16 @@ class HandleRouter:
         try:
             answers = [a for a in await handle.broadcast("describe").results_async(
                 timeout_s=DESCRIBE_TIMEOUT_S, return_exceptions=True) if isinstance(a, dict)]
-        except DeploymentUnavailableError:  # no replica yet (starting, or all being replaced)
-            answers = []
-        except TimeoutError:  # a replica on a node that is going away and not yet known to be gone
+        # No replica yet (starting, or all being replaced), or one on a node that is going away and not yet known
+        # to be gone.
+        except (DeploymentUnavailableError, TimeoutError):
             answers = []
         if not answers:  # wait for one (raises DeploymentUnavailableError if the group failed to deploy)
             try:
                 answers = [await handle.describe.remote()]
             except REPLICA_LOST as error:
                 raise _lost("a model group", error, "while describing it") from error
-        merged = dict(answers[0])
+        merged = {key: value for key, value in answers[0].items() if key != "replica"}
         merged["running"] = sum(a["running"] for a in answers)
         merged["waiting"] = sum(a["waiting"] for a in answers)
         merged["replicas"] = sorted(a["replica"] for a in answers)
