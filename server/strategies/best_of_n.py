@@ -25,7 +25,7 @@ from server.config import GroupSpec, GuideSpec
 from server.engines.base import Engine, GenerationChunk, GenerationRequest, Usage, whole_completion
 from server.engines.prompts import chat_prompt_text, render_prompt
 from server.errors import FailedPrecondition
-from server.strategies.protobuf import optionals
+from server.strategies.protobuf import enum_choice, optionals
 
 _VERDICTS = {pb.BestOfN.VERDICT_UNSPECIFIED: None, pb.BestOfN.VERDICT_GENERATE: "generate",
              pb.BestOfN.VERDICT_SCORE: "score"}
@@ -57,8 +57,8 @@ def from_proto(p: pb.BestOfN, candidates_from_proto: Callable[[str, object], obj
             raise InvalidArgument(f"best_of_n.{error.field}", error.reason) from None
     return BestOfNParams(
         n=p.n if p.HasField("n") else BestOfNParams.n, sampling_overrides=tuple(overrides.items()), judge=p.judge,
-        verdict=_VERDICTS[p.verdict], both_orders=p.both_orders, selection=_SELECTIONS[p.selection],
-        template=_TEMPLATES[p.template], seed=p.seed if p.HasField("seed") else None,
+        verdict=enum_choice(_VERDICTS, p.verdict, "best_of_n.verdict"), both_orders=p.both_orders, selection=enum_choice(_SELECTIONS, p.selection, "best_of_n.selection"),
+        template=enum_choice(_TEMPLATES, p.template, "best_of_n.template"), seed=p.seed if p.HasField("seed") else None,
         judge_max_tokens=p.judge_max_tokens if p.HasField("judge_max_tokens") else None, candidates=candidates,
     ).validate()
 

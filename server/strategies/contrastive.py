@@ -11,7 +11,7 @@ from decoding.plans import ContrastivePlan, PlanSpec, StreamSpec
 from decoding.strategies import ContrastiveParams, ContrastiveReport, Context
 from server.config import GroupSpec
 from server.strategies.context import PlanContext, needs_role
-from server.strategies.protobuf import chat_messages, optionals
+from server.strategies.protobuf import chat_messages, enum_choice, optionals
 
 _MODES = {pb.ContrastiveDecoding.MODE_UNSPECIFIED: "cd", pb.ContrastiveDecoding.MODE_CD: "cd",
           pb.ContrastiveDecoding.MODE_USCD: "uscd", pb.ContrastiveDecoding.MODE_STEER: "steer"}
@@ -21,7 +21,7 @@ def from_proto(p: pb.ContrastiveDecoding) -> ContrastiveParams:
     context = Context(prompt=p.contrast_context.prompt or None, messages=chat_messages(p.contrast_context.messages))
     if context.prompt and context.messages:
         raise InvalidArgument("contrastive.contrast_context", "give either prompt or messages, not both")
-    return ContrastiveParams(mode=_MODES[p.mode], guide=p.guide, contrast_context=context, **optionals(p, (
+    return ContrastiveParams(mode=enum_choice(_MODES, p.mode, "contrastive.mode"), guide=p.guide, contrast_context=context, **optionals(p, (
         "alpha", "beta", "amateur_temperature", "uncertainty_threshold", "uscd_eta", "standard_weight",
         "lame_weight", "gamma", "eta"))).validate()
 

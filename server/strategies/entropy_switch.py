@@ -14,7 +14,7 @@ from decoding.strategies import EntropySwitchParams, EntropySwitchReport
 from server.config import GroupSpec
 from server.errors import FailedPrecondition
 from server.strategies.context import PlanContext, needs_role
-from server.strategies.protobuf import optionals
+from server.strategies.protobuf import enum_choice, optionals
 
 NO_THRESHOLD = ("entropy switching needs a threshold: send `entropy_switch.threshold`, or set `entropy_threshold` "
                 "in the group's config (`chorus calibrate-entropy` prints one)")
@@ -23,7 +23,7 @@ _STARTS = {pb.EntropySwitch.START_UNSPECIFIED: "small", pb.EntropySwitch.START_S
 
 
 def from_proto(p: pb.EntropySwitch) -> EntropySwitchParams:
-    return EntropySwitchParams(small=p.small, start=_STARTS[p.start], trace=p.trace,
+    return EntropySwitchParams(small=p.small, start=enum_choice(_STARTS, p.start, "entropy_switch.start"), trace=p.trace,
                                **optionals(p, ("threshold", "window", "min_span"))).validate()
 
 

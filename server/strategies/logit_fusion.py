@@ -12,13 +12,15 @@ from decoding.strategies import LogitFusionParams, LogitFusionReport
 from server.config import GroupSpec, GuideSpec
 from server.errors import FailedPrecondition
 from server.strategies.context import PlanContext, needs_role
-from server.strategies.protobuf import optionals
+from server.strategies.protobuf import enum_choice, optionals
 
+_MODES = {pb.LogitFusion.MODE_UNSPECIFIED: "dynamic", pb.LogitFusion.MODE_DYNAMIC: "dynamic",
+          pb.LogitFusion.MODE_STATIC: "static"}
 NO_EXPERTS = "logit fusion needs at least one guide with role 'expert:<task>'"
 
 
 def from_proto(p: pb.LogitFusion) -> LogitFusionParams:
-    return LogitFusionParams(mode="static" if p.mode == p.MODE_STATIC else "dynamic", experts=tuple(p.experts),
+    return LogitFusionParams(mode=enum_choice(_MODES, p.mode, "logit_fusion.mode"), experts=tuple(p.experts),
                              alphas=tuple(p.alphas), small_base=p.small_base, report_weights=p.report_weights,
                              **optionals(p, ("grid_max", "grid_step"))).validate()
 

@@ -13,7 +13,7 @@ from decoding.strategies import RefusalReport, RefusalSteeringParams
 from server.config import GroupSpec, RefusalSpec
 from server.errors import ConfigError, FailedPrecondition
 from server.strategies.context import PlanContext
-from server.strategies.protobuf import optionals
+from server.strategies.protobuf import enum_choice, optionals
 
 NO_REFUSAL_CONFIG = ("refusal steering needs refusal tokens or prefixes: the model's group config declares none "
                      "(set `refusal` there, or send refusal_prefixes with the request)")
@@ -22,7 +22,7 @@ _MODES = {pb.RefusalSteering.MODE_UNSPECIFIED: "argmax", pb.RefusalSteering.MODE
 
 
 def from_proto(p: pb.RefusalSteering) -> RefusalSteeringParams:
-    decision = RefusalParams(mode=_MODES[p.mode], thresholds=dict(p.thresholds), biases=dict(p.biases),
+    decision = RefusalParams(mode=enum_choice(_MODES, p.mode, "refusal_steering.mode"), thresholds=dict(p.thresholds), biases=dict(p.biases),
                              controlled=tuple(p.categories),
                              **optionals(p, ("threshold", "bias", "softmax_temperature")))
     return RefusalSteeringParams(decision=decision, prefixes=tuple((x.category, x.text) for x in p.refusal_prefixes))

@@ -33,6 +33,7 @@ from server.config import GroupSpec
 from server.engines.base import Engine, GenerationRequest, Usage, whole_completion
 from server.engines.prompts import chat_prompt_text
 from server.errors import FailedPrecondition
+from server.strategies.protobuf import enum_choice
 
 _MODES = {pb.RerankRequest.MODE_UNSPECIFIED: "first_token", pb.RerankRequest.MODE_FIRST_TOKEN: "first_token",
           pb.RerankRequest.MODE_GENERATE: "generate"}
@@ -54,8 +55,8 @@ def from_proto(p: pb.RerankRequest) -> rr.RerankParams:
     return rr.RerankParams(
         query=p.query, passages=tuple(p.passages), top_n=p.top_n,
         window_size=opt("window_size", defaults.window_size), stride=opt("stride", defaults.stride),
-        mode=_MODES[p.mode], permutations=opt("permutations", defaults.permutations),
-        aggregation=_AGGREGATIONS[p.aggregation], max_passage_words=opt("max_passage_words",
+        mode=enum_choice(_MODES, p.mode, "mode"), permutations=opt("permutations", defaults.permutations),
+        aggregation=enum_choice(_AGGREGATIONS, p.aggregation, "aggregation"), max_passage_words=opt("max_passage_words",
                                                                          defaults.max_passage_words),
         seed=opt("seed", defaults.seed),
     ).validate()
