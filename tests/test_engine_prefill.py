@@ -45,18 +45,18 @@ def test_a_long_prompt_arriving_mid_decode_is_chunked_and_both_equal_the_naive_r
                 tokens.extend(chunk.token_ids)
             return tokens
 
-        short = asyncio.ensure_future(follow("short", chat(short_q, temperature=0, max_tokens=48, ignore_eos=True)))
+        short = asyncio.ensure_future(follow("short", chat(short_q, temperature=0, max_tokens=32, ignore_eos=True)))
         while order.count("short") < 4:
             await asyncio.sleep(0.01)
-        long = asyncio.ensure_future(follow("long", chat(long_q, temperature=0, max_tokens=12, ignore_eos=True)))
+        long = asyncio.ensure_future(follow("long", chat(long_q, temperature=0, max_tokens=6, ignore_eos=True)))
         return await short, await long, order
 
     short, long, order = asyncio.run(run())
     # The short request kept decoding, one token a step, while the long prompt was fed in budget-sized chunks.
     during_prefill = order[order.index("short", 4):order.index("long")].count("short")
     assert during_prefill >= len(prompt_ids(engine, long_q)) // STEP_TOKENS - 2, order
-    assert short == naive_greedy(hf_model, prompt_ids(engine, short_q), 48)
-    assert long == naive_greedy(hf_model, prompt_ids(engine, long_q), 12)
+    assert short == naive_greedy(hf_model, prompt_ids(engine, short_q), 32)
+    assert long == naive_greedy(hf_model, prompt_ids(engine, long_q), 6)
 
 
 def test_newcomers_prefilled_together_equal_their_solo_runs(engine):

@@ -11,30 +11,19 @@ from decoding.sampling import SamplingParams
 from server.config import GroupSpec, ModelSpec
 from server.engines.base import GenerationRequest
 from server.engines.transformers_engine import TransformersEngine
-from server.engines.vllm_engine import VLLMEngine
 from server.errors import DeadlineExceeded
-from tests.conftest import EMBEDDED
+from tests.conftest import EMBEDDED, VLLM_LOOP
 from tests.test_engine import QUESTIONS, chat, collect
 
-VLLM_ARGS = {"gpu_memory_utilization": 0.2, "enforce_eager": True, "max_logprobs": 128,
-             "enable_prefix_caching": True}
-
-
 @pytest.fixture(scope="module")
-def engine(model_path):
-    engine = VLLMEngine(ModelSpec("smollm2", EMBEDDED, engine="vllm", max_model_len=1024, vllm=VLLM_ARGS),
-                        GroupSpec("g", "smollm2", max_batch_size=8))
-    yield engine
-    engine.shutdown()
-
-
-# AsyncLLM binds its output handler to the event loop it first runs on (in a replica: the replica's one loop), so
-# every call here goes through one loop that lives as long as the module.
-LOOP = asyncio.new_event_loop()
+def engine(vllm_engine):
+    """The session's vLLM engine (tests/conftest.py): deploy/local-vllm.yaml's group with its guides, contexts of
+    512 tokens. Plain requests and the building blocks here pass through the fusion processor untouched."""
+    return vllm_engine
 
 
 def run(coro):
-    return LOOP.run_until_complete(coro)
+    return VLLM_LOOP.run_until_complete(coro)
 
 
 def wait_until_idle(engine, timeout=20.0):
@@ -50,7 +39,7 @@ def wait_until_idle(engine, timeout=20.0):
 
 
 def test_greedy_equals_the_transformers_engine(engine, model_path):
-    reference = TransformersEngine(ModelSpec("smollm2", EMBEDDED, max_model_len=1024),
+    reference = TransformersEngine(ModelSpec("smollm2", EMBEDDED, max_model_len=engine.max_model_len),
                                    GroupSpec("g", "smollm2", max_batch_size=1))
     try:
         for question in QUESTIONS[:3]:
@@ -107,7 +96,7 @@ def assert_the_engine_core_dropped_it(engine) -> None:
 
 def test_closing_the_stream_aborts_the_request(engine):
     async def read_then_leave():
-        stream = engine.generate(chat(QUESTIONS[2], max_tokens=500, ignore_eos=True))
+        stream = engine.generate(chat(QUESTIONS[2], max_tokens=400, ignore_eos=True))
         await stream.__anext__()
         await stream.__anext__()
         await stream.aclose()
@@ -118,7 +107,7 @@ def test_closing_the_stream_aborts_the_request(engine):
 
 def test_deadline_aborts_the_request(engine):
     request = GenerationRequest(request_id="late", messages=(ChatMessage("user", "Count to a thousand."),),
-                                sampling=SamplingParams(max_tokens=900, ignore_eos=True), deadline=time.time() + 1)
+                                sampling=SamplingParams(max_tokens=400, ignore_eos=True), deadline=time.time() + 1)
     with pytest.raises(DeadlineExceeded):
         run(collect(engine, request))
     assert_the_engine_core_dropped_it(engine)
@@ -157,7 +146,7 @@ def test_loglik_is_the_teacher_forced_log_probs_of_the_continuation(engine, hf_m
 
 def test_a_building_block_past_its_deadline_is_aborted(engine):
     late = GenerationRequest(request_id="late-n", messages=(ChatMessage("user", "Count to a thousand."),),
-                             sampling=SamplingParams(max_tokens=900, temperature=1.0, ignore_eos=True),
+                             sampling=SamplingParams(max_tokens=400, temperature=1.0, ignore_eos=True),
                              deadline=time.time() + 1)
     with pytest.raises(DeadlineExceeded):
         run(engine.sample_n(late, 3))
@@ -183,7 +172,7 @@ def test_rerank_from_vllm_log_probs_equals_the_transformers_engine_raw_logits(en
     from tests.test_rerank_engine import FACTS, QUERY
 
     group = GroupSpec("g", "smollm2", max_batch_size=1)
-    reference = TransformersEngine(ModelSpec("smollm2", EMBEDDED, max_model_len=1024), group)
+    reference = TransformersEngine(ModelSpec("smollm2", EMBEDDED, max_model_len=engine.max_model_len), group)
     try:
         for count in (len(FACTS), 25):
             params = rr.RerankParams(QUERY, tuple(f"{FACTS[i % len(FACTS)]} ({i})" for i in range(count)),

@@ -3,36 +3,18 @@ deploy/local-vllm.yaml inside vLLM's engine core. Every strategy and mode, 3 pro
 beside plain requests, gives the independent naive full-recompute reference's greedy tokens and decisions
 (tests/independent_reference.py)."""
 
-import asyncio
-import dataclasses
-
 import pytest
 
 from server.config import load_deploy_file
-from server.engines.vllm_engine import VLLMEngine
-from tests.strategy_cases import (QUESTIONS, REFERENCE_MAX_LEN, REPO, STEPS, STRATEGIES, assert_equal_to_reference,
-                                  run_mixed)
+from tests.conftest import VLLM_LOOP
+from tests.strategy_cases import QUESTIONS, REPO, STEPS, STRATEGIES, assert_equal_to_reference, run_mixed
 
-VLLM_CONFIG = load_deploy_file(REPO / "deploy" / "local-vllm.yaml").chorus
-GROUP = VLLM_CONFIG.groups["smollm2"]
-BASE = GROUP.base
-
-# AsyncLLM binds its output handler to the first event loop it runs on: one loop for the whole module.
-LOOP = asyncio.new_event_loop()
+BASE = load_deploy_file(REPO / "deploy" / "local-vllm.yaml").chorus.default_model
 
 
 @pytest.fixture(scope="module")
-def engine(model_path):
-    models = {n: dataclasses.replace(m, max_model_len=REFERENCE_MAX_LEN) for n, m in VLLM_CONFIG.models.items()}
-    config = dataclasses.replace(VLLM_CONFIG, models=models)
-    engine = VLLMEngine(models[BASE], dataclasses.replace(GROUP, max_batch_size=12), config)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def mixed_run(engine):
-    return LOOP.run_until_complete(run_mixed(engine))
+def mixed_run(vllm_engine):
+    return VLLM_LOOP.run_until_complete(run_mixed(vllm_engine))
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))

@@ -56,6 +56,8 @@ def test_rerank_generate_mode_and_permutations(stub):
     (pb.RerankRequest(query=QUERY, passages=["p"] * 1001), "passages"),
     (pb.RerankRequest(query=QUERY, passages=FACTS, permutations=9), "permutations"),
     (pb.RerankRequest(query=QUERY, passages=FACTS, max_passage_words=0), "max_passage_words"),
+    (pb.RerankRequest(query=QUERY, passages=FACTS, mode=9), "mode"),
+    (pb.RerankRequest(query=QUERY, passages=FACTS, aggregation=-2), "aggregation"),
 ])
 def test_bad_rerank_input_is_invalid_argument_naming_the_field(stub, request_, field):
     with pytest.raises(grpc.RpcError) as info:

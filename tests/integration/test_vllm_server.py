@@ -18,11 +18,11 @@ from tests.integration.rerank_checks import (  # noqa: F401  (reranking on vLLM'
     test_rerank_ranks_every_passage_window_by_window,
     test_rerank_unknown_model_is_not_found_and_a_deadline_stops_the_windows)
 from tests.integration.strategy_checks import (  # noqa: F401  (the fusion logits processor inside vLLM)
-    strategy_runs, test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only,
+    strategy_answers, test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only,
     test_bad_strategy_knobs_are_refused_with_a_usable_message, test_every_strategy_and_mode_answers_with_its_report,
     test_every_strategy_knob_at_a_non_default_value_is_accepted_and_takes_effect,
     test_list_models_describes_every_model_of_the_config, test_list_models_reports_strategies_and_guides,
-    test_neutral_knobs_reduce_to_plain_greedy, test_strategies_mixed_with_plain_requests_equal_their_solo_runs)
+    test_neutral_knobs_reduce_to_plain_greedy)
 from tests.integration.test_server import (  # noqa: F401  (collected and run against the vLLM server)
     test_a_drawn_seed_is_reported_and_reproduces_the_sample, test_bad_input_is_invalid_argument_naming_the_field,
     test_cancelled_stream_stops_the_work, test_deadline_exceeded_stops_the_work_and_the_server_keeps_serving,
@@ -34,6 +34,7 @@ from tests.integration.test_server import (  # noqa: F401  (collected and run ag
 pytestmark = pytest.mark.integration
 
 CONFIG = "deploy/local-vllm.yaml"
+
 
 
 def test_list_models_reports_vllm(stub):
