@@ -30,9 +30,10 @@ from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from server.config import NODE_IP, ChorusConfig, parse_chorus_config
+from server.config import NODE_IP, ChorusConfig, check_exposure, parse_chorus_config
 from server.engines.base import GenerationChunk, GenerationRequest
 from server.errors import ChorusError, Unavailable, status_code_name
+from server.metrics import FrontendMetrics, GroupMetrics
 from server.strategies import registry
 from server.strategies.rerank import RerankJob, RerankOutcome, Reranker
 
@@ -87,20 +88,25 @@ class ModelGroup:
     """Hosts one group's models (the base and, with token-level strategies, its guides) in each replica, and runs
     request-level strategies (best-of-N) and reranking over them."""
 
-    def __init__(self, args: dict, group_name: str):
+    async def __init__(self, args: dict, group_name: str):
         self._config = parse_chorus_config(args)
         self._group = self._config.groups[group_name]
         self._engine = make_engine(self._config, group_name)
         self._reranker = Reranker(self._engine, self._group)
         self._placement = Placement(replica=serve.get_replica_context().replica_id.unique_id,
                                     node=ray.util.get_node_ip_address())
+        self._metrics = GroupMetrics(group_name)
+        self._sampling = asyncio.get_running_loop().create_task(self._metrics.sample_load(self._engine))
 
     async def generate(self, request: GenerationRequest
                        ) -> AsyncIterator[Placement | GenerationChunk | RemoteError]:
         yield self._placement
         try:
+            clock = self._metrics.token_clock(registry.strategy_of(request.strategy).field if request.strategy
+                                              else "plain")
             async with contextlib.aclosing(registry.generate(self._engine, self._group, request)) as chunks:
                 async for chunk in chunks:
+                    clock.tokens(len(chunk.token_ids))
                     yield chunk
         except Exception as error:
             yield _remote_error(error, request.request_id)
@@ -119,6 +125,9 @@ class ModelGroup:
                 "strategies": {**self._engine.strategy_support(), "rerank": self._reranker.unavailable}}
 
     def __del__(self):
+        sampling = getattr(self, "_sampling", None)
+        if sampling is not None:
+            sampling.cancel()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
@@ -242,15 +251,25 @@ class Frontend:
         from grpc_reflection.v1alpha import reflection
 
         from chorus.v1 import decoding_pb2, decoding_pb2_grpc
+        from server import security
         from server.service import DecodingService
 
         config = parse_chorus_config(args)
-        self._drain_grace_s = config.frontend.drain_grace_s
+        frontend = config.frontend
+        host = ray.util.get_node_ip_address() if frontend.host == NODE_IP else frontend.host
+        check_exposure(frontend, host)
+        security.warn_about_exposure(frontend, host)
+        self._drain_grace_s = frontend.drain_grace_s
         self._drained: asyncio.Future | None = None
         self._router = HandleRouter(config, groups)
         self._health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(maximum_concurrent_rpcs=config.frontend.max_concurrent_rpcs)
-        decoding_pb2_grpc.add_DecodingServicer_to_server(DecodingService(config, self._router), self._server)
+        interceptors = [security.BearerTokenInterceptor(security.TokenStore(frontend.auth),
+                                                        frontend.auth.open_services)] if frontend.auth else []
+        self._server = grpc.aio.server(
+            interceptors=interceptors, maximum_concurrent_rpcs=frontend.max_concurrent_rpcs,
+            options=[("grpc.max_receive_message_length", frontend.limits.max_message_bytes)])
+        decoding_pb2_grpc.add_DecodingServicer_to_server(DecodingService(config, self._router, FrontendMetrics()),
+                                                         self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         service_name = decoding_pb2.DESCRIPTOR.services_by_name["Decoding"].full_name
         reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -258,12 +277,25 @@ class Frontend:
         self._services = ("", service_name)
         for name in self._services:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        host = ray.util.get_node_ip_address() if config.frontend.host == NODE_IP else config.frontend.host
-        self._address = f"{host}:{config.frontend.port}"
-        if self._server.add_insecure_port(self._address) == 0:
+        self._address = f"{host}:{frontend.port}"
+        credentials = security.server_credentials(frontend.tls) if frontend.tls else None
+        bound = (self._server.add_secure_port(self._address, credentials) if credentials
+                 else self._server.add_insecure_port(self._address))
+        if bound == 0:
             raise ChorusError(f"cannot bind the gRPC front end to {self._address}")
+        # Probes that cannot speak TLS (Kubernetes' gRPC probes) get health alone, in the clear, on its own port.
+        self._health_server = None
+        if frontend.health_port is not None:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            if self._health_server.add_insecure_port(f"{host}:{frontend.health_port}") == 0:
+                raise ChorusError(f"cannot bind the health port to {host}:{frontend.health_port}")
+            await self._health_server.start()
         await self._server.start()
-        log.info("chorus gRPC front end listening on %s", self._address)
+        log.info("chorus gRPC front end listening on %s (%s%s%s)", self._address,
+                 "TLS" + (", client certificates" if frontend.tls and frontend.tls.client_ca else "")
+                 if frontend.tls else "plaintext", ", bearer tokens" if frontend.auth else "",
+                 f"; health alone on port {frontend.health_port}" if self._health_server else "")
         self._ready = asyncio.get_running_loop().create_task(self._mark_serving_when_groups_answer())
 
     async def _mark_serving_when_groups_answer(self) -> None:
@@ -276,6 +308,12 @@ class Frontend:
     def address(self) -> str:
         """Where this front end listens (host:port)."""
         return self._address
+
+    def serving(self) -> bool:
+        """Whether health says SERVING (every group answered, not draining): what `chorus serve` waits for,
+        through Serve rather than over gRPC, so it needs neither the TLS trust root nor a token."""
+        return self._drained is None and self._ready.done() and not self._ready.cancelled() \
+            and self._ready.exception() is None
 
     async def drain(self) -> None:
         """Graceful drain: health turns NOT_SERVING for good, new RPCs are refused (UNAVAILABLE), and those in
@@ -290,6 +328,8 @@ class Frontend:
         self._ready.cancel()
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace=self._drain_grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(grace=None)
         log.info("chorus front end %s drained", self._address)
 
     async def check_health(self) -> None:
@@ -297,7 +337,8 @@ class Frontend:
             raise RuntimeError(f"model groups failed to start: {self._ready.exception()!r}")
 
     async def __del__(self):
-        await self.drain()  # Serve stopping this replica (scale-down, redeploy, shutdown) drains it first
+        if hasattr(self, "_ready"):  # started: Serve stopping this replica (scale-down, redeploy, shutdown) drains it
+            await self.drain()
 
 
 def build_app(args: dict) -> serve.Application:

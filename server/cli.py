@@ -5,6 +5,7 @@
     chorus generate "Hello" [--chat] [--stream] [--best-of-n N [--verbose]]   one request against a running server
     chorus rerank --query Q --passages FILE.jsonl    rank passages for a query with a running server
     chorus models                                    the server's models and strategies
+        (each takes --address, --timeout, and --tls / --tls-ca PEM and --token for a server with TLS and tokens)
     chorus fetch-models [NAME ...] [--config FILE]   download and convert the embedded models once
     chorus install-target --config FILE              which Makefile install target a deploy file's engines need
     chorus calibrate-entropy --config FILE --group G [--prompts FILE] [--target 0.4]
@@ -19,10 +20,11 @@ import sys
 import threading
 
 from server.errors import ConfigError
-from server.health import wait_until_serving
 from server.models import ModelFetchError
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# Where the client commands take a bearer token from when --token is not given.
+TOKEN_ENV = "CHORUS_TOKEN"
 
 
 def _cmd_fetch_models(args) -> int:
@@ -122,6 +124,44 @@ def _front_end_addresses(app_name: str, timeout_s: float, stop: threading.Event)
     return sorted(handle.broadcast("address").results(timeout_s=60))
 
 
+def _wait_serving(app_name: str, timeout_s: float, stop: threading.Event) -> None:
+    """Until every front end reports SERVING (asked through Serve: no TLS trust root or token needed here)."""
+    import time
+
+    from ray import serve
+
+    handle = serve.get_deployment_handle("frontend", app_name)
+    deadline = time.monotonic() + timeout_s
+    while not all(handle.broadcast("serving").results(timeout_s=60)):
+        failure = _deploy_failure(app_name, stop)
+        if failure:
+            raise NotReady(failure)
+        if time.monotonic() > deadline:
+            raise NotReady(f"the front ends are not SERVING after {timeout_s:.0f} s")
+        time.sleep(1)
+
+
+def _check_frontend_security(frontend, local: bool) -> str:
+    """Fails now, before Ray starts, on what this machine can check (the tokens of a local cluster's front end);
+    makes the self-signed certificate if the file asks for one. Returns how clients connect, for the ready line."""
+    from server.security import TokenStore, self_signed_certificate
+
+    client_flags = ""
+    if frontend.tls is not None:
+        if frontend.tls.self_signed:
+            cert, _ = self_signed_certificate()
+            print(f"[chorus] TLS with the self-signed certificate {cert}", flush=True)
+            client_flags += f" --tls-ca {cert}"
+        else:
+            client_flags += f" --tls-ca <the CA of {frontend.tls.certificate}>"
+    if frontend.auth is not None:
+        if local:
+            TokenStore(frontend.auth)
+        client_flags += " --token <token>" if frontend.auth.tokens_file else \
+            f" --token \"${frontend.auth.tokens_env}\""
+    return client_flags
+
+
 def _drain(app_name: str, grace_s: float) -> None:
     """Drains every front-end replica (each waits for its requests in flight, up to `grace_s`)."""
     from ray import serve
@@ -149,6 +189,7 @@ def _cmd_serve(args) -> int:
             from server.engines.vllm_engine import check_engine_args
             check_engine_args(spec)
     check_tokenizers(deploy.chorus)  # and if guides cannot be fused with their base
+    client_flags = _check_frontend_security(deploy.chorus.frontend, local=not args.address)
 
     stop = threading.Event()
     _stop_on_signals(stop)
@@ -167,7 +208,7 @@ def _cmd_serve(args) -> int:
         ray.init(address=args.address, namespace="serve", log_to_driver=True)
     else:
         ray.init(address="local", namespace="serve", include_dashboard=False,
-                 object_store_memory=args.object_store_mb * 2**20,
+                 object_store_memory=args.object_store_mb * 2**20, _metrics_export_port=args.metrics_port,
                  log_to_driver=True)
     _stop_on_signals(stop)  # again: ray.init installs its own SIGTERM handler, which aborts without a clean shutdown
     deployed = False
@@ -181,18 +222,19 @@ def _cmd_serve(args) -> int:
         print(f"[chorus] deploying {deploy.path} onto {where} ...", flush=True)
         try:
             addresses = _front_end_addresses(deploy.app_name, args.ready_timeout, stop)
+            _wait_serving(deploy.app_name, args.ready_timeout, stop)
         except NotReady as error:
             print(f"[chorus] {error}", file=sys.stderr, flush=True)
             return 1
-        for address in addresses:
-            error = wait_until_serving(address, args.ready_timeout, lambda: _deploy_failure(deploy.app_name, stop))
-            if error:
-                print(f"[chorus] {address}: {error}", file=sys.stderr, flush=True)
-                return 1
-        print(f"[chorus] ready: chorus.v1.Decoding on {', '.join(addresses)} "
-              f"(models: {', '.join(deploy.chorus.base_models)})", flush=True)
-        print(f"[chorus] try: chorus generate --address {addresses[0]} --chat 'What is the capital of France?'",
-              flush=True)
+        frontend = deploy.chorus.frontend
+        how = ", ".join(["TLS" if frontend.tls else "plaintext"] + (["bearer tokens"] if frontend.auth else []))
+        print(f"[chorus] ready: chorus.v1.Decoding on {', '.join(addresses)} ({how}; "
+              f"models: {', '.join(deploy.chorus.base_models)})", flush=True)
+        print(f"[chorus] try: chorus generate --address {addresses[0]}{client_flags} "
+              "--chat 'What is the capital of France?'", flush=True)
+        metrics = (f"http://127.0.0.1:{args.metrics_port}/metrics" if not args.address else
+                   "each node's Ray metrics port (`ray start --metrics-export-port`), path /metrics")
+        print(f"[chorus] metrics (Prometheus text, names chorus_* with Ray's ray_ prefix): {metrics}", flush=True)
         stop.wait()
         _drain(deploy.app_name, deploy.chorus.frontend.drain_grace_s)
         print("[chorus] shutting down", flush=True)
@@ -206,9 +248,25 @@ def _cmd_serve(args) -> int:
         ray.shutdown()
 
 
-def _channel(address: str):
+def _channel(args):
+    """A channel to `--address`: TLS when `--tls` or `--tls-ca` is given (the CA file, else the system's roots)."""
     import grpc
-    return grpc.insecure_channel(address)
+
+    if not (args.tls or args.tls_ca):
+        return grpc.insecure_channel(args.address)
+    try:
+        root = open(args.tls_ca, "rb").read() if args.tls_ca else None
+    except OSError as error:
+        raise ConfigError(f"--tls-ca {args.tls_ca}: {error.strerror or error}") from None
+    return grpc.secure_channel(args.address, grpc.ssl_channel_credentials(root_certificates=root))
+
+
+def _call_options(args) -> dict:
+    """The deadline and, with `--token` or $CHORUS_TOKEN, the bearer token of every call."""
+    import os
+
+    token = args.token or os.environ.get(TOKEN_ENV)
+    return dict(timeout=args.timeout, metadata=(("authorization", f"Bearer {token}"),) if token else None)
 
 
 def _cmd_generate(args) -> int:
@@ -230,11 +288,11 @@ def _cmd_generate(args) -> int:
         request.messages.append(pb.ChatMessage(role="user", content=args.prompt))
     else:
         request.prompt = args.prompt
-    with _channel(args.address) as channel:
+    with _channel(args) as channel:
         stub = pb_grpc.DecodingStub(channel)
         try:
             if args.stream:
-                for message in stub.GenerateStream(request, timeout=args.timeout):
+                for message in stub.GenerateStream(request, **_call_options(args)):
                     if args.json:
                         print(json_format.MessageToJson(message, indent=None), flush=True)
                     elif message.HasField("progress") and args.verbose:
@@ -249,7 +307,7 @@ def _cmd_generate(args) -> int:
                     if args.verbose and last.report.HasField("best_of_n"):
                         print(_bracket_text(last.report.best_of_n), file=sys.stderr)
             else:
-                response = stub.Generate(request, timeout=args.timeout)
+                response = stub.Generate(request, **_call_options(args))
                 print(json_format.MessageToJson(response) if args.json else response.text)
                 if args.verbose and not args.json and response.report.HasField("best_of_n"):
                     print(_bracket_text(response.report.best_of_n), file=sys.stderr)
@@ -334,9 +392,9 @@ def _cmd_rerank(args) -> int:
         value = getattr(args, field)
         if value is not None:
             setattr(request, field, value)
-    with _channel(args.address) as channel:
+    with _channel(args) as channel:
         try:
-            response = pb_grpc.DecodingStub(channel).Rerank(request, timeout=args.timeout)
+            response = pb_grpc.DecodingStub(channel).Rerank(request, **_call_options(args))
         except grpc.RpcError as error:
             print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
@@ -354,13 +412,18 @@ def _cmd_rerank(args) -> int:
 
 
 def _cmd_models(args) -> int:
+    import grpc
     from google.protobuf import json_format
 
     from chorus.v1 import decoding_pb2 as pb
     from chorus.v1 import decoding_pb2_grpc as pb_grpc
 
-    with _channel(args.address) as channel:
-        response = pb_grpc.DecodingStub(channel).ListModels(pb.ListModelsRequest(), timeout=args.timeout)
+    with _channel(args) as channel:
+        try:
+            response = pb_grpc.DecodingStub(channel).ListModels(pb.ListModelsRequest(), **_call_options(args))
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
     if args.json:
         print(json_format.MessageToJson(response))
         return 0
@@ -386,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--port", type=int, help="override frontend.port")
     serve_p.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for SERVING")
     serve_p.add_argument("--object-store-mb", type=int, default=512, help="Ray object store size (local cluster)")
+    serve_p.add_argument("--metrics-port", type=int, default=8080,
+                         help="where the local cluster's Ray metrics agent serves Prometheus metrics, on every "
+                         "interface (default 8080; with --address the cluster's own setting applies)")
     serve_p.set_defaults(func=_cmd_serve)
 
     gen = sub.add_parser("generate", help="generate text with a running server")
@@ -436,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (gen, ranks, models):
         p.add_argument("--address", default=DEFAULT_ADDRESS)
         p.add_argument("--timeout", type=float, default=300, help="RPC deadline in seconds")
+        p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+        p.add_argument("--tls-ca", dest="tls_ca", metavar="PEM",
+                       help="connect with TLS, trusting this CA (or the server's self-signed certificate)")
+        p.add_argument("--token", help=f"bearer token for a server with frontend.auth (default: ${TOKEN_ENV})")
 
     fetch = sub.add_parser("fetch-models", help="download and convert the embedded models into the cache")
     fetch.add_argument("names", nargs="*", help="embedded model names (default: "

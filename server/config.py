@@ -10,6 +10,7 @@ stops the server with a message naming the field.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,62 @@ NODE_IP = "node-ip"
 
 
 @dataclasses.dataclass(frozen=True)
+class TLSSpec:
+    """`frontend.tls`: the front end serves TLS only. Paths are absolute (the front end runs in a Ray worker with
+    its own working directory), PEM files readable on every node a front end runs on."""
+    # The server's certificate (chain) and its private key.
+    certificate: str | None = None
+    key: str | None = None
+    # Clients must present a certificate this CA signed (mutual TLS); None: any client may connect.
+    client_ca: str | None = None
+    # Instead of certificate and key: a self-signed certificate for localhost, this machine's name, 127.0.0.1 and
+    # ::1, made once into the cache (<cache>/tls/self-signed.crt; `chorus serve` prints the path) for local use.
+    self_signed: bool = False
+
+
+# The services a client reaches without a token unless `frontend.auth.open_services` says otherwise: health (for
+# Kubernetes probes and load balancers) and reflection (grpcurl).
+OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthSpec:
+    """`frontend.auth`: every call needs the metadata `authorization: Bearer <token>` with one of these tokens,
+    else UNAUTHENTICATED. Tokens never go in the deploy file: exactly one of `tokens_file` and `tokens_env`."""
+    # An absolute path to a file with one token a line (blank lines and `#` comments skipped), read again when it
+    # changes (checked at most once a second): a rotated Kubernetes Secret needs no restart.
+    tokens_file: str | None = None
+    # The name of an environment variable holding the token(s), comma-separated, set on every node a front end runs
+    # on (the environment of `chorus serve` or `ray start`).
+    tokens_env: str | None = None
+    # Fully qualified gRPC services reachable without a token.
+    open_services: tuple[str, ...] = OPEN_SERVICES
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitsSpec:
+    """`frontend.limits`: what one request may ask for, checked by the front end before the request reaches a
+    group (INVALID_ARGUMENT or RESOURCE_EXHAUSTED, the message naming the limit). Each a whole number >= 1.
+    The prompt's tokens are counted where the tokenizer is, in the group replica, before any engine work (against
+    the model's context: the front end may run on a node without the model files)."""
+    # The largest request message in bytes (gRPC's max_receive_message_length: larger ones end RESOURCE_EXHAUSTED
+    # from gRPC itself, before Chorus reads them).
+    max_message_bytes: int = 4 * 2**20
+    # sampling.max_tokens at most.
+    max_tokens: int = 8192
+    # Characters of the prompt, or of all the messages' contents together.
+    max_prompt_chars: int = 1_000_000
+    # Chat messages in a request.
+    max_messages: int = 256
+    # Stop strings in a request, and characters in each.
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    # Generate, GenerateStream and Rerank calls in flight per client (its bearer token with frontend.auth, else its
+    # IP address) on one front end; one more is RESOURCE_EXHAUSTED.
+    max_rpcs_per_client: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
 class FrontendSpec:
     # The address to listen on: an IP address or host name, "0.0.0.0" (every interface), or "node-ip" (the address
     # of the Ray node each front-end replica runs on: with one front end per node, every node serves the API).
@@ -151,6 +208,15 @@ class FrontendSpec:
     # RPCs are refused, and the RPCs in flight get this many seconds to finish before they are cancelled. The
     # frontend deployment's graceful_shutdown_timeout_s must exceed it.
     drain_grace_s: float = 15.0
+    # TLS (TLSSpec) and bearer tokens (AuthSpec); both off when absent. A host other than a loopback address needs
+    # at least one of them, or `insecure: true` to serve it in the clear on purpose.
+    tls: TLSSpec | None = None
+    auth: AuthSpec | None = None
+    insecure: bool = False
+    limits: LimitsSpec = dataclasses.field(default_factory=LimitsSpec)
+    # A second port serving only grpc.health.v1, in the clear and without a token, on the same host: for probes that
+    # cannot speak TLS (Kubernetes' gRPC probes). None: none.
+    health_port: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,10 +260,7 @@ def parse_chorus_config(args: dict) -> ChorusConfig:
     models = {name: _build(ModelSpec, f"models.{name}", raw, name=name)
               for name, raw in (args.get("models") or {}).items()}
     groups = {name: _parse_group(name, raw) for name, raw in (args.get("groups") or {}).items()}
-    frontend = _build(FrontendSpec, "frontend", args.get("frontend") or {})
-    grace = frontend.drain_grace_s
-    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
-        raise ConfigError(f"frontend.drain_grace_s: seconds >= 0, got {grace!r}")
+    frontend = _parse_frontend(args.get("frontend") or {})
     if not models:
         raise ConfigError("models: at least one model is required")
     if not groups:
@@ -241,6 +304,91 @@ def parse_chorus_config(args: dict) -> ChorusConfig:
     if default not in bases:
         raise ConfigError(f"default_model: {default!r} is not the base model of any group ({sorted(bases)})")
     return ChorusConfig(models=models, groups=groups, default_model=default, frontend=frontend)
+
+
+def _parse_frontend(raw: Any) -> FrontendSpec:
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        if raw.get("tls") is not None:
+            raw["tls"] = _parse_tls(raw["tls"])
+        if raw.get("auth") is not None:
+            raw["auth"] = _parse_auth(raw["auth"])
+        if "limits" in raw:
+            raw["limits"] = _parse_limits(LimitsSpec, "frontend.limits", raw["limits"] or {})
+    frontend = _build(FrontendSpec, "frontend", raw)
+    grace = frontend.drain_grace_s
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
+        raise ConfigError(f"frontend.drain_grace_s: seconds >= 0, got {grace!r}")
+    if not isinstance(frontend.insecure, bool):
+        raise ConfigError(f"frontend.insecure: true or false, got {frontend.insecure!r}")
+    for field in ("port", "health_port"):
+        port = getattr(frontend, field)
+        if (port is not None or field == "port") and (isinstance(port, bool) or not isinstance(port, int)
+                                                       or not 0 <= port < 65536):
+            raise ConfigError(f"frontend.{field}: a port number 0-65535, got {port!r}")
+    if frontend.health_port is not None and frontend.health_port == frontend.port:
+        raise ConfigError(f"frontend.health_port: must differ from frontend.port ({frontend.port})")
+    if frontend.host != NODE_IP:
+        check_exposure(frontend, frontend.host)
+    return frontend
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and "localhost"; every other address or name counts as reachable from outside."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(frontend: FrontendSpec, host: str) -> None:
+    """A non-loopback address needs TLS or tokens (or both), unless the deploy file says `insecure: true`."""
+    if is_loopback(host) or frontend.insecure or frontend.tls is not None or frontend.auth is not None:
+        return
+    raise ConfigError(f"frontend.host {host!r} is reachable from other machines, and the front end has neither "
+                      "frontend.tls nor frontend.auth: configure them (deploy/README.md, 'TLS and tokens'), or set "
+                      "frontend.insecure: true to serve it in the clear on purpose")
+
+
+def _absolute_path(where: str, value: Any) -> None:
+    if not isinstance(value, str) or not Path(value).is_absolute():
+        raise ConfigError(f"{where}: an absolute path (the front end runs in a Ray worker with its own working "
+                          f"directory), got {value!r}")
+
+
+def _parse_tls(raw: Any) -> TLSSpec:
+    tls = _build(TLSSpec, "frontend.tls", raw)
+    if not isinstance(tls.self_signed, bool):
+        raise ConfigError(f"frontend.tls.self_signed: true or false, got {tls.self_signed!r}")
+    if tls.self_signed == (tls.certificate is not None or tls.key is not None):
+        raise ConfigError("frontend.tls: give `certificate` and `key`, or `self_signed: true`, not both or neither")
+    if not tls.self_signed and (tls.certificate is None or tls.key is None):
+        raise ConfigError("frontend.tls: `certificate` and `key` go together")
+    for field in ("certificate", "key", "client_ca"):
+        if getattr(tls, field) is not None:
+            _absolute_path(f"frontend.tls.{field}", getattr(tls, field))
+    return tls
+
+
+def _parse_auth(raw: Any) -> AuthSpec:
+    if isinstance(raw, dict) and isinstance(raw.get("open_services"), list):
+        raw = {**raw, "open_services": tuple(raw["open_services"])}
+    if isinstance(raw, dict) and "tokens" in raw:
+        raise ConfigError("frontend.auth.tokens: tokens never go in the deploy file; put them in a file "
+                          "(tokens_file) or an environment variable (tokens_env)")
+    auth = _build(AuthSpec, "frontend.auth", raw)
+    if (auth.tokens_file is None) == (auth.tokens_env is None):
+        raise ConfigError("frontend.auth: give exactly one of `tokens_file` and `tokens_env`")
+    if auth.tokens_file is not None:
+        _absolute_path("frontend.auth.tokens_file", auth.tokens_file)
+    if auth.tokens_env is not None and not (isinstance(auth.tokens_env, str) and auth.tokens_env.isidentifier()):
+        raise ConfigError(f"frontend.auth.tokens_env: the name of an environment variable, got {auth.tokens_env!r}")
+    if not isinstance(auth.open_services, tuple) or not all(isinstance(s, str) and s for s in auth.open_services):
+        raise ConfigError("frontend.auth.open_services: a list of fully qualified service names, e.g. "
+                          f"{list(OPEN_SERVICES)}")
+    return auth
 
 
 def _parse_group(name: str, raw: Any) -> GroupSpec:

@@ -6,14 +6,17 @@ import time
 from typing import Callable
 
 
-def wait_until_serving(address: str, timeout_s: float, failure: Callable[[], str | None]) -> str | None:
+def wait_until_serving(address: str, timeout_s: float, failure: Callable[[], str | None],
+                       credentials=None) -> str | None:
     """Polls Health/Check once a second until SERVING and returns None; returns why not otherwise: the text
-    `failure()` gives as soon as it gives one (a process exited, a deployment failed), or a timeout message."""
+    `failure()` gives as soon as it gives one (a process exited, a deployment failed), or a timeout message.
+    `credentials` (grpc.ChannelCredentials): a TLS front end's; None: plaintext."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:

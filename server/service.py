@@ -8,6 +8,7 @@ in-band (a `RemoteError` as the stream's last item) so their status code survive
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -21,9 +22,11 @@ from chorus.v1 import decoding_pb2 as pb
 from chorus.v1 import decoding_pb2_grpc as pb_grpc
 from decoding.errors import InvalidArgument
 from decoding.sampling import SamplingParams
-from server.config import ChorusConfig
+from server.config import ChorusConfig, LimitsSpec
 from server.engines.base import GenerationChunk, GenerationRequest
-from server.errors import NotFound, status_code_name
+from server.errors import NotFound, ResourceExhausted, status_code_name
+from server.metrics import FrontendMetrics
+from server.security import bearer_token
 from server.strategies import registry, rerank
 from server.strategies.protobuf import chat_messages
 
@@ -102,6 +105,84 @@ def to_generation_request(proto: pb.GenerateRequest, request_id: str, deadline: 
     )
 
 
+# The metadata a client may send its own request id in (when the message's `request_id` is empty); every answer
+# carries the id in its trailing metadata under the same key.
+REQUEST_ID_METADATA = "x-request-id"
+MAX_REQUEST_ID_CHARS = 128
+
+
+def _request_id(field: str, context) -> tuple[str, InvalidArgument | None]:
+    """The request's id: the message's `request_id`, else the client's x-request-id metadata, else a new one; an id
+    that is not 1-128 printable ASCII characters without spaces is refused (it goes into logs and metadata)."""
+    given = field or next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_METADATA), "")
+    if not given:
+        return uuid.uuid4().hex, None
+    if len(given) > MAX_REQUEST_ID_CHARS or not all("!" <= c <= "~" for c in given):
+        source = "" if field else f" (from the {REQUEST_ID_METADATA} metadata)"
+        return uuid.uuid4().hex, InvalidArgument(
+            "request_id", f"1-{MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces, got "
+            f"{len(given)} characters{source}")
+    return given, None
+
+
+def check_limits(request: GenerationRequest, limits: LimitsSpec) -> None:
+    """What a request may ask for (frontend.limits), before it goes to a group: INVALID_ARGUMENT naming the field
+    and the limit."""
+    sampling = request.sampling
+    if sampling.max_tokens > limits.max_tokens:
+        raise InvalidArgument("sampling.max_tokens", f"at most {limits.max_tokens} (frontend.limits.max_tokens), "
+                                                     f"got {sampling.max_tokens}")
+    if len(sampling.stop) > limits.max_stop_strings:
+        raise InvalidArgument("sampling.stop", f"at most {limits.max_stop_strings} stop strings "
+                                               f"(frontend.limits.max_stop_strings), got {len(sampling.stop)}")
+    for i, stop in enumerate(sampling.stop):
+        if len(stop) > limits.max_stop_string_chars:
+            raise InvalidArgument(f"sampling.stop[{i}]", f"at most {limits.max_stop_string_chars} characters "
+                                                         f"(frontend.limits.max_stop_string_chars), got {len(stop)}")
+    messages = request.messages or ()
+    if len(messages) > limits.max_messages:
+        raise InvalidArgument("messages", f"at most {limits.max_messages} messages (frontend.limits.max_messages), "
+                                          f"got {len(messages)}")
+    chars = len(request.prompt) if request.prompt else sum(len(m.content) for m in messages)
+    if chars > limits.max_prompt_chars:
+        raise InvalidArgument("prompt" if request.prompt else "messages",
+                              f"at most {limits.max_prompt_chars} characters (frontend.limits.max_prompt_chars), "
+                              f"got {chars}")
+
+
+def client_identity(context, by_token: bool) -> str:
+    """Whose call this is, for max_rpcs_per_client: its bearer token when the server takes tokens, else its IP
+    address (the peer without the port)."""
+    if by_token:
+        token = bearer_token(context.invocation_metadata())
+        if token is not None:
+            return "token:" + token.decode()
+    peer = context.peer() or ""  # "ipv4:127.0.0.1:50312", "ipv6:[::1]:50312", "unix:/path"
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
+class ClientSlots:
+    """Calls in flight per client, against frontend.limits.max_rpcs_per_client."""
+
+    def __init__(self, limit: int, by_token: bool):
+        self._limit, self._by_token = limit, by_token
+        self._in_flight: collections.Counter[str] = collections.Counter()
+
+    @contextlib.asynccontextmanager
+    async def held(self, context):
+        client = client_identity(context, self._by_token)
+        if self._in_flight[client] >= self._limit:
+            raise ResourceExhausted(f"this client already has {self._limit} calls in flight on this front end "
+                                    "(frontend.limits.max_rpcs_per_client): wait for one to finish")
+        self._in_flight[client] += 1
+        try:
+            yield
+        finally:
+            self._in_flight[client] -= 1
+            if not self._in_flight[client]:
+                del self._in_flight[client]
+
+
 def _cancellation_status(context) -> str:
     """Why a call ended early. grpc cancels the handler when the deadline passes, a few ms either side of it by
     the server's clock (the deadline travels as a relative timeout), hence the margin."""
@@ -115,10 +196,14 @@ def _usage_proto(chunk: GenerationChunk) -> pb.Usage:
 
 
 class _Call:
-    """One RPC's bookkeeping: its id, its deadline for the engine, the status it ends with, and its log line."""
+    """One RPC's bookkeeping: its id (returned in the trailing metadata), its deadline for the engine, the status it
+    ends with, its log line and its metrics."""
 
-    def __init__(self, context, request_id: str):
-        self.context, self.request_id = context, request_id
+    def __init__(self, context, field_id: str, metrics: FrontendMetrics):
+        self.context, self.metrics = context, metrics
+        self.request_id, self._bad_id = _request_id(field_id, context)
+        self.trailing = ((REQUEST_ID_METADATA, self.request_id),)
+        context.set_trailing_metadata(self.trailing)
         self.started = time.monotonic()
         self.status: str | None = None
         self.route = Route()
@@ -132,6 +217,8 @@ class _Call:
     async def answering(self):
         """Maps every failure inside to its status code and aborts the call with it."""
         try:
+            if self._bad_id is not None:
+                raise self._bad_id
             yield
             self.status = "OK"
         except asyncio.CancelledError:
@@ -140,19 +227,26 @@ class _Call:
             self.status = status_code_name(error)
             if self.status == "INTERNAL":
                 log.exception("request %s failed", self.request_id)
-            await self.context.abort(getattr(grpc.StatusCode, self.status), str(error)[:4000])
+            await self.context.abort(getattr(grpc.StatusCode, self.status), str(error)[:4000], self.trailing)
 
-    def log(self, fields: str) -> None:
-        """The request's one log line."""
+    def finish(self, rpc: str, model: str, strategy: str, prompt_tokens: int, completion_tokens: int,
+               forward_passes: dict[str, int], details: str = "") -> None:
+        """The request's one log line, and its metrics."""
         status = self.status or _cancellation_status(self.context)
-        log.info("request id=%s %s %s latency_ms=%.1f status=%s", self.request_id, fields, self.route,
-                 1000 * (time.monotonic() - self.started), status)
+        latency_s = time.monotonic() - self.started
+        log.info("request id=%s rpc=%s model=%s strategy=%s %sprompt_tokens=%d completion_tokens=%d %s "
+                 "latency_ms=%.1f status=%s", self.request_id, rpc, model, strategy, details, prompt_tokens,
+                 completion_tokens, self.route, 1000 * latency_s, status)
+        self.metrics.record(rpc, model, strategy, status, latency_s, prompt_tokens, completion_tokens, forward_passes)
 
 
 class DecodingService(pb_grpc.DecodingServicer):
-    def __init__(self, config: ChorusConfig, router: GroupRouter):
+    def __init__(self, config: ChorusConfig, router: GroupRouter, metrics: FrontendMetrics):
         self._config = config
         self._router = router
+        self._metrics = metrics
+        self._limits = config.frontend.limits
+        self._clients = ClientSlots(self._limits.max_rpcs_per_client, by_token=config.frontend.auth is not None)
 
     async def Generate(self, request, context):
         text, token_ids, last = [], [], None
@@ -189,14 +283,16 @@ class DecodingService(pb_grpc.DecodingServicer):
 
     async def _generate(self, request, context, rpc: str):
         """Validates, routes and streams one request; logs one line for it; maps every failure to a status."""
-        call = _Call(context, request.request_id or uuid.uuid4().hex)
+        call = _Call(context, request.request_id, self._metrics)
         model = request.model or self._config.default_model
         strategy = request.WhichOneof("strategy") or "plain"
         prompt_tokens = completion_tokens = 0
+        forward_passes: dict[str, int] = {}
         try:
-            async with call.answering():
+            async with call.answering(), self._clients.held(context):
                 self._check_model(model)
                 domain = to_generation_request(request, call.request_id, call.deadline())
+                check_limits(domain, self._limits)
                 chunks = self._router.generate(model, domain, call.route, whole=rpc == "Generate")
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
@@ -204,17 +300,17 @@ class DecodingService(pb_grpc.DecodingServicer):
                         if chunk.usage is not None:
                             prompt_tokens = chunk.usage.prompt_tokens
                             completion_tokens = chunk.usage.completion_tokens
+                            forward_passes = dict(chunk.usage.forward_passes)
                         yield model, call.request_id, chunk
         finally:
-            call.log(f"rpc={rpc} model={model} strategy={strategy} prompt_tokens={prompt_tokens} "
-                     f"completion_tokens={completion_tokens}")
+            call.finish(rpc, model, strategy, prompt_tokens, completion_tokens, forward_passes)
 
     async def Rerank(self, request, context):
-        call = _Call(context, request.request_id or uuid.uuid4().hex)
+        call = _Call(context, request.request_id, self._metrics)
         model = request.model or self._config.default_reranker
         usage = pb.Usage()
         try:
-            async with call.answering():
+            async with call.answering(), self._clients.held(context):
                 self._check_model(model)
                 params = rerank.from_proto(request)
                 outcome = await self._router.rerank(model, rerank.RerankJob(call.request_id, params, call.deadline()),
@@ -223,9 +319,9 @@ class DecodingService(pb_grpc.DecodingServicer):
                 usage = response.usage
                 return response
         finally:
-            call.log(f"rpc=Rerank model={model} passages={len(request.passages)} prompt_tokens={usage.prompt_tokens} "
-                     f"completion_tokens={usage.completion_tokens} "
-                     f"forward_passes={sum(usage.forward_passes.values())}")
+            call.finish("Rerank", model, "rerank", usage.prompt_tokens, usage.completion_tokens,
+                        dict(usage.forward_passes), details=f"passages={len(request.passages)} "
+                        f"forward_passes={sum(usage.forward_passes.values())} ")
 
     async def ListModels(self, request, context):
         models = []

@@ -136,7 +136,12 @@ def test_a_cancelled_sample_n_frees_its_family_mid_batch(engine):
             if engine.load().running == 5:
                 break
             await asyncio.sleep(0.05)
-        assert engine.load().running == 5
+        load = engine.load()
+        assert load.running == 5
+        # five sequences' tokens in the base model's slot cache
+        cached = sum(slot.length for slot in runner(engine).live)
+        assert cached >= 5 and load.kv_cache_usage == pytest.approx(
+            cached / (SLOTS * runner(engine).max_len), rel=0.5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -149,11 +154,13 @@ def test_a_cancelled_sample_n_frees_its_family_mid_batch(engine):
 
 
 def assert_idle_with_free_slots(engine, timeout: float = 10.0) -> None:
-    """Within `timeout` the engine runs nothing and every KV slot is free again (cancelled work was dropped at
-    the next step, not decoded to its end: the long requests above would take minutes)."""
+    """Within `timeout` the engine runs nothing, every KV slot is free again and its KV cache usage is back to 0
+    (cancelled work was dropped at the next step, not decoded to its end: the long requests above would take
+    minutes)."""
     stop = time.monotonic() + timeout
     while time.monotonic() < stop:
-        if engine.load() == type(engine.load())(running=0, waiting=0) and runner(engine).free_slots == SLOTS:
+        if engine.load() == type(engine.load())(running=0, waiting=0, kv_cache_usage=0.0) and \
+                runner(engine).free_slots == SLOTS:
             return
         time.sleep(0.1)
     raise AssertionError(f"load {engine.load()}, free slots {runner(engine).free_slots} of {SLOTS}")

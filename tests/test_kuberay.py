@@ -88,7 +88,12 @@ def test_the_grpc_service_reaches_the_front_end_of_every_pod_that_is_serving():
         [container] = template["spec"]["containers"]
         named = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert named[port["targetPort"]] == frontend.port
-        assert container["readinessProbe"]["grpc"]["port"] == frontend.port
+        # kubelet's gRPC probe speaks no TLS: it asks the plaintext health port.
+        assert frontend.tls is not None and container["readinessProbe"]["grpc"]["port"] == frontend.health_port
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        secrets = {v["name"]: v["secret"]["secretName"] for v in template["spec"]["volumes"] if "secret" in v}
+        for path in (frontend.tls.certificate, frontend.tls.key, frontend.auth.tokens_file):
+            assert secrets[mounts[str(Path(path).parent)]], f"{path} comes from a Secret mounted on every pod"
 
 
 def test_there_are_nodes_for_every_front_end_and_gpus_for_the_group():

@@ -73,6 +73,9 @@ class EngineInfo:
 class EngineLoad:
     running: int
     waiting: int
+    # The base model's KV cache in use, 0..1: tokens cached over the slot cache's capacity (transformers), or vLLM's
+    # own `vllm:kv_cache_usage_perc` (its blocks in use).
+    kv_cache_usage: float
 
 
 class Engine(abc.ABC):

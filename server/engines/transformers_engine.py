@@ -203,7 +203,8 @@ class TransformersEngine(Engine):
 
     def load(self) -> EngineLoad:
         with self._lock:
-            return EngineLoad(running=len(self._live), waiting=self._pending)
+            return EngineLoad(running=len(self._live), waiting=self._pending,
+                              kv_cache_usage=self._host.runners[self._spec.name].cache_usage())
 
     def _sequence(self, request: GenerationRequest, prompt_ids: list[int], plan: PlanSpec | None, seed: int,
                   events: asyncio.Queue) -> _Sequence:

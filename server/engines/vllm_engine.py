@@ -109,7 +109,8 @@ class VLLMEngine(Engine):
 
     def load(self) -> EngineLoad:
         unfinished = self._llm.get_num_unfinished_requests()
-        return EngineLoad(running=unfinished, waiting=max(0, self._in_flight - unfinished))
+        return EngineLoad(running=unfinished, waiting=max(0, self._in_flight - unfinished),
+                          kv_cache_usage=_vllm_gauge("vllm:kv_cache_usage_perc"))
 
     def sampling_params(self, request: GenerationRequest, seed: int, **extra):
         """Our SamplingParams as vLLM's, streaming deltas; `extra` adds vLLM knobs the strategies use (n,
@@ -244,3 +245,9 @@ class VLLMEngine(Engine):
     def shutdown(self) -> None:
         self._llm.shutdown()
         self._reports.close()
+
+
+def _vllm_gauge(name: str) -> float:
+    """A gauge vLLM's Prometheus stat logger keeps in this process's registry (summed over its engines)."""
+    from prometheus_client import REGISTRY
+    return sum(sample.value for metric in REGISTRY.collect() for sample in metric.samples if sample.name == name)

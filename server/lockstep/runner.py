@@ -44,6 +44,10 @@ class ModelRunner:
     def free_slots(self) -> int:
         return self.cache.num_slots - len(self.live)
 
+    def cache_usage(self) -> float:
+        """Tokens cached over the cache's capacity (slots × max_len), 0..1."""
+        return sum(slot.length for slot in list(self.live)) / (self.cache.num_slots * self.max_len)
+
     def open(self) -> Slot:
         if not self.free_slots:
             raise SlotsExhausted(f"all {self.cache.num_slots} slots are in use")

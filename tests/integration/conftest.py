@@ -38,17 +38,19 @@ class Server:
         self.log_path = ROOT / ".pytest_cache" / f"server-{self.port}.log"
         self.log_path.parent.mkdir(exist_ok=True)
         self._log = open(self.log_path, "w")
+        self.metrics_port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--config", config, "--port", str(self.port), *args],
+            [sys.executable, "-m", "server.cli", "serve", "--config", config, "--port", str(self.port),
+             "--metrics-port", str(self.metrics_port), *args],
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
 
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def wait_serving(self, timeout: float = 600) -> None:
+    def wait_serving(self, timeout: float = 600, address: str | None = None, credentials=None) -> None:
         exited = lambda: f"server exited with {self.proc.returncode}" if self.proc.poll() is not None else None  # noqa: E731
-        error = wait_until_serving(self.address, timeout, exited)
+        error = wait_until_serving(address or self.address, timeout, exited, credentials)
         if error:
             raise RuntimeError(f"{error}:\n{self.log()[-4000:]}")
 

@@ -3,7 +3,10 @@ reflection, errors, deadlines."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -12,24 +15,26 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chorus.v1 import decoding_pb2 as pb
-from tests.integration.conftest import wait_for_log_line
+from tests.integration.conftest import ROOT, status_of, wait_for_load, wait_for_log_line
 from tests.integration.best_of_n_checks import (  # noqa: F401  (best-of-N over this module's server)
     test_a_deadline_in_the_middle_of_the_bracket_frees_every_slot,
     test_bad_best_of_n_knobs_are_invalid_argument_naming_the_field,
     test_best_of_n_unary_and_streaming_give_the_winner_with_its_bracket, test_best_of_n_with_every_knob_at_its_default,
     test_best_of_n_with_generated_verdicts_and_composed_candidates)
+from tests.integration.fuzz_checks import (  # noqa: F401  (property-based requests against this module's server)
+    test_fuzzed_generate_requests_never_fail_internally_or_hang, test_fuzzed_rerank_requests_never_fail_internally_or_hang)
 from tests.integration.rerank_checks import (  # noqa: F401  (reranking over this module's server)
     test_a_cancelled_rerank_stops_its_windows, test_bad_rerank_input_is_invalid_argument_naming_the_field,
     test_cli_rerank, test_rerank_generate_mode_and_permutations, test_rerank_ranks_every_passage_window_by_window,
     test_rerank_unknown_model_is_not_found_and_a_deadline_stops_the_windows)
 from tests.integration.strategy_checks import (  # noqa: F401  (collected and run against this module's server)
-    strategy_runs, test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only,
+    strategy_answers, test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only,
     test_bad_strategy_knobs_are_refused_with_a_usable_message,
     test_cancelled_and_expired_strategy_requests_give_back_their_guide_slots,
     test_every_strategy_and_mode_answers_with_its_report,
     test_every_strategy_knob_at_a_non_default_value_is_accepted_and_takes_effect,
     test_list_models_describes_every_model_of_the_config, test_list_models_reports_strategies_and_guides,
-    test_neutral_knobs_reduce_to_plain_greedy, test_strategies_mixed_with_plain_requests_equal_their_solo_runs)
+    test_neutral_knobs_reduce_to_plain_greedy)
 
 pytestmark = pytest.mark.integration
 
@@ -121,8 +126,32 @@ def test_request_id_is_echoed_when_given_and_generated_when_not(stub):
     assert generated and len(streamed) == 1 and "" not in streamed and generated not in streamed
 
 
+def trailing_request_id(call) -> str | None:
+    return dict(call.trailing_metadata() or ()).get("x-request-id")
+
+
+def test_request_id_from_the_x_request_id_metadata_comes_back_in_the_trailing_metadata(stub):
+    request = chat(QUESTIONS[2], temperature=0, max_tokens=2, ignore_eos=True)
+    response, call = stub.Generate.with_call(request, metadata=(("x-request-id", "from-metadata-1"),), timeout=60)
+    assert response.request_id == trailing_request_id(call) == "from-metadata-1"
+    stream = stub.GenerateStream(request, metadata=(("x-request-id", "from-metadata-2"),), timeout=60)
+    assert {m.request_id for m in stream} == {"from-metadata-2"} and trailing_request_id(stream) == "from-metadata-2"
+    request.request_id = "from-the-message"  # the message's field wins over the metadata
+    response, call = stub.Generate.with_call(request, metadata=(("x-request-id", "ignored"),), timeout=60)
+    assert response.request_id == trailing_request_id(call) == "from-the-message"
+    # Failures carry the id too, a generated one when the client sent none.
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(pb.GenerateRequest(model="no-such-model", prompt="x"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and len(trailing_request_id(info.value)) == 32
+    for bad in ("x" * 129, "has space", "é"):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(pb.GenerateRequest(prompt="x", request_id=bad), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("request_id: 1-128 printable ASCII"), bad
+
+
 def test_eight_concurrent_greedy_requests_equal_their_solo_runs(stub):
-    requests = [chat(q, temperature=0, max_tokens=32) for q in QUESTIONS]
+    requests = [chat(q, temperature=0, max_tokens=16) for q in QUESTIONS]
     solo = [stub.Generate(r, timeout=120).text for r in requests]
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda r: stub.Generate(r, timeout=300).text, requests))
@@ -180,6 +209,33 @@ def test_bad_input_is_invalid_argument_naming_the_field(stub, request_, field):
             call(request_, timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details().startswith(field), info.value.details()
+
+
+@pytest.mark.parametrize("request_, field, limit", [
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=8193)), "sampling.max_tokens",
+     "max_tokens"),
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="hi")] * 257), "messages", "max_messages"),
+    (pb.GenerateRequest(prompt="x" * 1_000_001), "prompt", "max_prompt_chars"),
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x" * 600_000)] * 2), "messages",
+     "max_prompt_chars"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(stop=["."] * 500)), "sampling.stop",
+     "max_stop_strings"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(stop=["x" * 257])), "sampling.stop[0]",
+     "max_stop_string_chars"),
+])
+def test_requests_over_the_front_end_limits_are_refused_naming_the_limit(stub, server, request_, field, limit):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request_, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(f"{field}: at most ")
+    assert f"(frontend.limits.{limit})" in info.value.details()
+
+
+def test_a_message_over_max_message_bytes_is_resource_exhausted_by_grpc(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(pb.GenerateRequest(prompt="x" * (4 * 2**20 + 1)), timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in info.value.details()
 
 
 def test_each_request_leaves_one_log_line(stub, server):
@@ -246,3 +302,70 @@ def test_cli_generate_and_models(server):
     assert "winner: candidate" in picked.stderr and "candidate 1 (answer" in picked.stderr
     refused = chorus("generate", "hi", "--top-p", "2")
     assert refused.returncode == 1 and "INVALID_ARGUMENT: sampling.top_p" in refused.stderr
+
+
+def scrape(server) -> dict[str, list]:
+    """The Prometheus samples of Chorus's metrics from the server's Ray metrics port, by metric family."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text) if f.name.startswith("ray_chorus_")}
+
+
+def total(samples, name: str, **tags) -> float:
+    return sum(s.value for s in samples if s.name == name and tags.items() <= s.labels.items())
+
+
+def test_metrics_reach_ray_s_prometheus_port_and_the_dashboard_charts_only_exported_ones(stub, server):
+    plain = chat(QUESTIONS[0], temperature=0, max_tokens=5, ignore_eos=True)
+    stub.Generate(plain, timeout=60)
+    list(stub.GenerateStream(plain, timeout=60))
+    status_of(lambda: stub.Generate(pb.GenerateRequest(model="no-such-model", prompt="x"), timeout=30))
+    deadline = time.monotonic() + 90  # Ray's agent exports what replicas recorded every few seconds
+    while True:
+        families = scrape(server)
+        requests = families.get("ray_chorus_requests", [])
+        if (total(requests, "ray_chorus_requests_total", rpc="GenerateStream", status="OK") >= 1
+                and total(requests, "ray_chorus_requests_total", status="NOT_FOUND") >= 1
+                and "ray_chorus_inter_token_latency_seconds" in families):
+            break
+        assert time.monotonic() < deadline, f"chorus metrics not exported: {sorted(families)}"
+        time.sleep(2)
+    assert total(requests, "ray_chorus_requests_total", rpc="Generate", strategy="plain", status="OK") >= 1
+    latency = families["ray_chorus_request_latency_seconds"]
+    assert total(latency, "ray_chorus_request_latency_seconds_count", rpc="Generate") >= 1
+    assert total(latency, "ray_chorus_request_latency_seconds_sum", rpc="Generate") > 0
+    assert total(families["ray_chorus_completion_tokens"], "ray_chorus_completion_tokens_total") >= 10
+    assert total(families["ray_chorus_prompt_tokens"], "ray_chorus_prompt_tokens_total") > 0
+    assert total(families["ray_chorus_forward_passes"], "ray_chorus_forward_passes_total",
+                 model="smollm2-135m-instruct") >= 10
+    first = families["ray_chorus_time_to_first_token_seconds"]
+    assert total(first, "ray_chorus_time_to_first_token_seconds_count", group="smollm2", strategy="plain") >= 2
+    # 4 tokens after the first of each of the two requests, at least
+    assert total(families["ray_chorus_inter_token_latency_seconds"], "ray_chorus_inter_token_latency_seconds_count",
+                 group="smollm2") >= 8
+    for gauge in ("ray_chorus_running_sequences", "ray_chorus_waiting_requests", "ray_chorus_kv_cache_usage"):
+        [sample] = [s for s in families[gauge] if s.labels.get("group") == "smollm2"]
+        assert 0 <= sample.value and sample.labels["deployment"] == "group-smollm2", gauge
+    assert families["ray_chorus_kv_cache_usage"][0].value <= 1
+    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    charted = {re.sub(r"_(total|bucket|count|sum)$", "", name) for panel in dashboard["panels"]
+               for target in panel["targets"] for name in re.findall(r"ray_chorus_\w+", target["expr"])}
+    assert charted and charted <= set(families), charted - set(families)
+    assert f"http://127.0.0.1:{server.metrics_port}/metrics" in server.log(), "the URL is printed at start"
+
+
+def test_a_short_soak_loses_no_request_and_leaves_nothing_running(stub, server):
+    """bench/soak.py (`make soak`, 10 minutes) for 20 s: 8 clients of mixed strategies, cancellations and
+    deadlines."""
+    from bench.soak import check_server_log, soak, summarize
+
+    run = soak(server.address, server.proc.pid, server.metrics_port, duration_s=20, clients=8, sample_s=2, seed=1)
+    wait_for_load(stub, (0, 0))
+    time.sleep(1)  # the last log lines
+    summary = summarize(run, check_server_log(run["outcomes"], server.log()))
+    assert summary["requests"] >= 15, summary["by_status"]
+    assert (summary["lost"], summary["hung"], summary["internal"], summary["clients_still_running"]) == ([], [], 0, 0)
+    assert summary["by_status"].get("OK", 0) >= 8 and len(summary["by_kind"]) >= 5, summary
+    assert len(run["samples"]) >= 5 and all(len(s["rss"]) >= 4 for s in run["samples"])
+    assert any(s.get("kv_cache_usage", 0) > 0 for s in run["samples"]), "the KV cache was in use"
