@@ -103,8 +103,9 @@ def one_request(stub, rng: random.Random, request_id: str) -> Outcome:
     return outcome
 
 
-def rss_by_process(root_pid: int) -> dict[str, int]:
-    """RSS in bytes of `root_pid` and every process below it, by a name for its role (Ray's process titles)."""
+def rss_by_process(root_pid: int, names: dict[int, str]) -> dict[str, int]:
+    """RSS in bytes of `root_pid` and every process below it, by "<role> (<pid>)". `names` keeps each pid's first
+    name: Ray retitles a worker with the method it runs (`ServeReplica:app:group.handle_request`)."""
     processes = {root_pid: "chorus serve", **descendants(root_pid)}
     rss = {}
     for pid, args in processes.items():
@@ -114,16 +115,21 @@ def rss_by_process(root_pid: int) -> dict[str, int]:
             continue
         match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
         if match:
-            name = "chorus serve" if pid == root_pid else _role(args)
+            name = names.setdefault(pid, "chorus serve" if pid == root_pid else _role(args))
             rss[f"{name} ({pid})"] = int(match.group(1)) * 1024
     return rss
 
 
 def _role(args: str) -> str:
-    first = args.split()[0] if args.split() else "?"
-    if first.startswith("ray::"):
-        return first[len("ray::"):]
-    return Path(first).name if "python" not in first else " ".join(args.split()[1:3])[:60]
+    """A short name for a process: Ray's title (`ray::ServeReplica:chorus:frontend`), a Python script's file name,
+    else the executable's."""
+    words = args.split() or ["?"]
+    if words[0].startswith("ray::"):
+        return words[0][len("ray::"):]
+    if Path(words[0]).name.startswith("python"):
+        script = next((w for w in words[1:] if w.endswith(".py")), " ".join(words[1:3]))
+        return Path(script).name[:60]
+    return Path(words[0]).name
 
 
 def scrape_load(metrics_port: int) -> dict[str, float]:
@@ -159,8 +165,9 @@ def soak(address: str, server_pid: int, metrics_port: int, duration_s: float, cl
                 outcomes.append(one_request(stub, rng, f"soak-{index}-{count}"))
 
     def sampler() -> None:
+        names: dict[int, str] = {}
         while True:
-            sample = {"t": time.monotonic() - started, "rss": rss_by_process(server_pid)}
+            sample = {"t": time.monotonic() - started, "rss": rss_by_process(server_pid, names)}
             try:
                 sample.update(scrape_load(metrics_port))
             except OSError as error:

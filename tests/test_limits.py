@@ -1,6 +1,6 @@
 """The front end's request limits (`frontend.limits`, server/service.py): each at its boundary, the per-client
 count of calls in flight, and the config's rules. Through the real server: tests/integration/test_server.py (the
-defaults, and gRPC's message size) and test_secure_server.py (calls in flight per token)."""
+defaults, and gRPC's message size) and test_production_server.py (calls in flight per token)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The front end's security settings and parts (server/security.py): the deploy-file rules, tokens, the
 self-signed certificate, and mutual TLS plus the token interceptor on a real grpc.aio server and client in-process
-(the whole server over TLS with tokens: tests/integration/test_secure_server.py)."""
+(the whole server over TLS with tokens: tests/integration/test_production_server.py)."""
 
 from __future__ import annotations
 

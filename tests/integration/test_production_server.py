@@ -1,13 +1,18 @@
-"""The real server with TLS and bearer tokens (deploy/local-secure.yaml: the self-signed certificate `chorus serve`
-makes into the cache, tokens from $CHORUS_TOKEN) against real clients: the right CA and token, a wrong CA, no TLS,
-no token, a wrong token; health and reflection without a token; health in the clear on its own port; the CLI;
-calls in flight counted per token (frontend.limits.max_rpcs_per_client: 2)."""
+"""The real server set up as in production, on one machine: TLS and bearer tokens (deploy/local-secure.yaml: the
+self-signed certificate `chorus serve` makes into the cache, tokens from $CHORUS_TOKEN), calls in flight limited per
+token (frontend.limits.max_rpcs_per_client: 2), and the group autoscaled from the deploy file (Serve's
+`autoscaling_config`: 1 to 2 replicas, a target of 2 requests in flight per replica, reacting within seconds).
+
+Against real clients: the right CA and token, a wrong CA, no TLS, no token, a wrong token; health and reflection
+without a token; health in the clear on its own port; the CLI; and a bounded load that scales the group to 2
+replicas (ListModels sums the requests over both) and back to 1 once it is gone."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -25,6 +30,8 @@ from tests.integration.conftest import ROOT, Server, ray_processes, status_of, w
 pytestmark = pytest.mark.integration
 
 TOKEN = "s3cret-token-for-the-tests"
+# Every token the server accepts: one client each (frontend.limits.max_rpcs_per_client counts per token).
+TOKENS = (TOKEN, "another-token", "a-third-token", "a-fourth-token")
 QUESTION = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="What is the capital of France?")],
                               sampling=pb.SamplingParams(max_tokens=8, temperature=0))
 
@@ -33,11 +40,18 @@ QUESTION = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="Wha
 def server(model_path, tmp_path_factory):
     raw = yaml.safe_load((ROOT / "deploy" / "local-secure.yaml").read_text())
     health_port = free_port()
-    raw["applications"][0]["args"]["frontend"].update(health_port=health_port, limits={"max_rpcs_per_client": 2})
+    app = raw["applications"][0]
+    app["args"]["frontend"].update(health_port=health_port, limits={"max_rpcs_per_client": 2})
+    # Serve's defaults wait 30 s to scale up and 10 min to scale down.
+    app["args"]["groups"]["smollm2"]["torch_threads"] = 1
+    group = next(d for d in app["deployments"] if d["name"].startswith("group-"))
+    del group["num_replicas"]
+    group["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                                   "upscale_delay_s": 1, "downscale_delay_s": 5, "look_back_period_s": 2}
     config = tmp_path_factory.mktemp("deploy") / "secure.yaml"
     config.write_text(yaml.safe_dump(raw))
     before = ray_processes()
-    server = Server(str(config), env={"CHORUS_TOKEN": f"another-token,{TOKEN}"})
+    server = Server(str(config), env={"CHORUS_TOKEN": ",".join(TOKENS)})
     server.health_address = f"127.0.0.1:{health_port}"
     try:
         server.wait_serving(address=server.health_address)
@@ -64,6 +78,91 @@ def channel(server, certificate):
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
+
+
+class WithToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds the bearer token to every call of a channel."""
+
+    def __init__(self, token: str):
+        self._metadata = bearer(token)
+
+    def _with_token(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    """Calls with the right token."""
+    return pb_grpc.DecodingStub(grpc.intercept_channel(channel, WithToken(TOKEN)))
+
+
+# ---- autoscaling (first: it starts from one replica) -----------------------------------------------------------------
+
+def base_model(stub) -> pb.ModelInfo:
+    return stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]
+
+
+def wait_for(stub, condition, timeout: float) -> float:
+    """Seconds until ListModels' base model satisfies `condition`."""
+    begun = time.monotonic()
+    while not condition(model := base_model(stub)):
+        assert time.monotonic() - begun < timeout, f"{len(model.replicas)} replicas, {model.running_requests} running"
+        time.sleep(1)
+    return time.monotonic() - begun
+
+
+class Streams:
+    """Long greedy streams kept open on their own threads until `cancel()`."""
+
+    def __init__(self, stub, count: int):
+        request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="Tell me a long story.")],
+                                     sampling=pb.SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
+        self.calls = [stub.GenerateStream(request, timeout=600) for _ in range(count)]
+        self.threads = [threading.Thread(target=self._drain, args=(call,)) for call in self.calls]
+        for thread in self.threads:
+            thread.start()
+
+    @staticmethod
+    def _drain(call) -> None:
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError:
+            pass
+
+    def cancel(self) -> None:
+        for call in self.calls:
+            call.cancel()
+        for thread in self.threads:
+            thread.join(30)
+
+
+def test_a_bounded_load_scales_the_group_to_two_replicas_and_back_to_one(channel, stub):
+    def client(token: str):
+        return pb_grpc.DecodingStub(grpc.intercept_channel(channel, WithToken(token)))
+
+    assert len(base_model(stub).replicas) == 1
+    # 6 in flight (three clients: 2 each is the per-token limit), a target of 2 a replica: Serve wants 3, at most 2.
+    first = [Streams(client(token), 2) for token in TOKENS[:3]]
+    try:
+        up_s = wait_for(stub, lambda m: len(m.replicas) == 2, timeout=180)
+        second = Streams(client(TOKENS[3]), 2)  # routed to the new, idle replica
+        try:
+            # ListModels sums over both replicas: the 6 on the first and the 2 on the second.
+            wait_for(stub, lambda m: m.running_requests == 8 and len(m.replicas) == 2, timeout=60)
+        finally:
+            second.cancel()
+    finally:
+        for streams in first:
+            streams.cancel()
+    down_s = wait_for(stub, lambda m: len(m.replicas) == 1 and m.running_requests == 0, timeout=180)
+    print(f"scaled up in {up_s:.0f} s under load, back down in {down_s:.0f} s after it")
 
 
 def test_the_right_token_over_tls_is_served(channel):
