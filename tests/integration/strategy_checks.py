@@ -54,30 +54,30 @@ def strategy_answers(stub):
 
 
 def test_every_strategy_and_mode_answers_with_its_report(strategy_answers, server):
-    alone = strategy_answers
+    answers = strategy_answers
     config = load_deploy_file(ROOT / server.config).chorus
     on_vllm = config.models[config.default_model].engine == "vllm"
-    for name, response in alone.items():
+    for name, response in answers.items():
         assert len(response.token_ids) == TOKENS and response.text, name
         which = response.report.WhichOneof("report")
         assert which == next(iter(MODES[name])), name
         if name != "entropy-switch" or on_vllm:  # on transformers switching runs the base only where it writes
             assert response.usage.forward_passes[BASE] >= TOKENS, name
-    cd = alone["cd"].report.contrastive
+    cd = answers["cd"].report.contrastive
     assert (cd.mode, cd.guide, cd.steps, cd.contrasted_steps) == ("cd", "exit8", TOKENS, TOKENS)
-    assert alone["cd"].usage.forward_passes["smollm2-135m-exit8"] >= TOKENS
-    assert alone["uscd"].report.contrastive.mode == "uscd"
-    fusion = alone["fusion-dynamic"].report.logit_fusion
+    assert answers["cd"].usage.forward_passes["smollm2-135m-exit8"] >= TOKENS
+    assert answers["uscd"].report.contrastive.mode == "uscd"
+    fusion = answers["fusion-dynamic"].report.logit_fusion
     assert list(fusion.experts) == ["concise", "french"] and len(fusion.steps) == TOKENS
     assert all(sum(1 for a in step.alphas if a) <= 1 for step in fusion.steps)  # one expert active per step
-    refusal = alone["refusal-threshold"].report.refusal_steering
+    refusal = answers["refusal-threshold"].report.refusal_steering
     assert refusal.decision == "refuse" and refusal.category == "refuse"
-    assert list(alone["refusal-threshold"].token_ids[:len(refusal.forced_token_ids)]) == \
+    assert list(answers["refusal-threshold"].token_ids[:len(refusal.forced_token_ids)]) == \
         list(refusal.forced_token_ids)
-    assert alone["refusal-threshold"].text.startswith(("I'm sorry", "I cannot", "Sorry", "Unfortunately"))
+    assert answers["refusal-threshold"].text.startswith(("I'm sorry", "I cannot", "Sorry", "Unfortunately"))
     assert 0 <= refusal.probabilities["refuse"] <= 1
-    assert alone["refusal-logit-bias"].report.refusal_steering.decision == "respond"
-    switch = alone["entropy-switch"].report.entropy_switch
+    assert answers["refusal-logit-bias"].report.refusal_steering.decision == "respond"
+    switch = answers["entropy-switch"].report.entropy_switch
     assert (switch.small, switch.steps, len(switch.trace)) == ("exit8", TOKENS, TOKENS)
     assert switch.large_tokens == sum(s.large for s in switch.trace)
     assert switch.large_fraction == pytest.approx(switch.large_tokens / TOKENS)
@@ -87,7 +87,7 @@ def test_every_strategy_and_mode_answers_with_its_report(strategy_answers, serve
     assert all(s.entropy >= 0 for s in switch.trace)
     # One forward per token, of the model that wrote it (on vLLM the base runs at every position anyway).
     passes = {BASE: TOKENS if on_vllm else switch.large_tokens, "smollm2-135m-exit8": TOKENS - switch.large_tokens}
-    assert dict(alone["entropy-switch"].usage.forward_passes) == {model: n for model, n in passes.items() if n}
+    assert dict(answers["entropy-switch"].usage.forward_passes) == {model: n for model, n in passes.items() if n}
 
 
 def test_neutral_knobs_reduce_to_plain_greedy(stub):
