@@ -34,6 +34,7 @@ from server.config import NODE_IP, ChorusConfig, check_exposure, parse_chorus_co
 from server.engines.base import GenerationChunk, GenerationRequest
 from server.errors import ChorusError, Unavailable, status_code_name
 from server.metrics import FrontendMetrics, GroupMetrics
+from server import tracing
 from server.strategies import registry
 from server.strategies.rerank import RerankJob, RerankOutcome, Reranker
 
@@ -90,6 +91,7 @@ class ModelGroup:
 
     async def __init__(self, args: dict, group_name: str):
         self._config = parse_chorus_config(args)
+        tracing.configure(self._config.tracing, f"group:{group_name}")
         self._group = self._config.groups[group_name]
         self._engine = make_engine(self._config, group_name)
         self._reranker = Reranker(self._engine, self._group)
@@ -100,22 +102,48 @@ class ModelGroup:
 
     async def generate(self, request: GenerationRequest
                        ) -> AsyncIterator[Placement | GenerationChunk | RemoteError]:
+        received = time.time()
         yield self._placement
+        span = tracing.start("chorus.group.generate", request.trace_context, kind=tracing.SpanKind.SERVER,
+                             attributes=self._span_attributes(request.request_id), start_time=received)
+        request = dataclasses.replace(request, trace_context=tracing.carrier_of(span))
+        status, message = "CANCELLED", ""
         try:
-            clock = self._metrics.token_clock(registry.strategy_of(request.strategy).field if request.strategy
-                                              else "plain")
+            strategy = registry.strategy_of(request.strategy).field if request.strategy else "plain"
+            span.set_attribute("chorus.strategy", strategy)
+            clock = self._metrics.token_clock(strategy)
             async with contextlib.aclosing(registry.generate(self._engine, self._group, request)) as chunks:
                 async for chunk in chunks:
                     clock.tokens(len(chunk.token_ids))
+                    if chunk.phases is not None:
+                        tracing.engine_phases(span, received, chunk.phases, time.time(), {
+                            "chorus.completion_tokens": chunk.usage.completion_tokens,
+                            **{f"chorus.forward_passes.{model}": n
+                               for model, n in chunk.usage.forward_passes.items()}})
                     yield chunk
+            status = "OK"
         except Exception as error:
-            yield _remote_error(error, request.request_id)
+            failure = _remote_error(error, request.request_id)
+            status, message = failure.code, failure.message
+            yield failure
+        finally:
+            tracing.end(span, status, message)
 
     async def rerank(self, job: RerankJob) -> tuple[Placement, RerankOutcome | RemoteError]:
-        try:
-            return self._placement, await self._reranker.run(job)
-        except Exception as error:
-            return self._placement, _remote_error(error, job.request_id)
+        with tracing.span("chorus.group.rerank", job.trace_context, kind=tracing.SpanKind.SERVER,
+                          attributes=self._span_attributes(job.request_id, passages=len(job.params.passages))
+                          ) as span:
+            try:
+                return self._placement, await self._reranker.run(
+                    dataclasses.replace(job, trace_context=tracing.carrier_of(span)))
+            except Exception as error:
+                failure = _remote_error(error, job.request_id)
+                tracing.end(span, failure.code, failure.message)
+                return self._placement, failure
+
+    def _span_attributes(self, request_id: str, **extra) -> dict:
+        return {"chorus.request_id": request_id, "chorus.group": self._group.name, "chorus.model": self._group.base,
+                "chorus.replica": str(self._placement), **{f"chorus.{key}": value for key, value in extra.items()}}
 
     def describe(self) -> dict:
         info, load = self._engine.info(), self._engine.load()
@@ -131,6 +159,7 @@ class ModelGroup:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+        tracing.shutdown()
 
 
 # What a handle call raises when the replica's process or node is gone (or Serve's router learns it is, between
@@ -170,49 +199,63 @@ class HandleRouter:
         the chunks are held back until then, and a lost replica's partial work can be redone on another."""
         what = f"model {model!r}"
         while True:
-            stream = self._handles[model].options(stream=True).generate.remote(request)
             held: list[GenerationChunk] = []
             streamed = False
-            try:
-                async for item in stream:
-                    if isinstance(item, Placement):
-                        route.replica = str(item)
-                    elif isinstance(item, RemoteError):
-                        raise item.to_exception()
-                    elif whole:
-                        held.append(item)
-                    else:
-                        streamed = True
-                        yield item
-            except REPLICA_LOST as error:
-                if streamed:
-                    raise _lost(what, error, "after streaming part of the answer") from error
-                if not _may_retry(request.request_id, request.deadline, route, error, what):
-                    raise _lost(what, error, "before answering") from error
-                continue
-            finally:
-                stream.cancel()  # no-op when the stream ended; aborts the engine work when the client went away
+            with self._group_call(model, route) as attempt:
+                stream = self._handles[model].options(stream=True).generate.remote(
+                    dataclasses.replace(request, trace_context=tracing.carrier_of(attempt)))
+                try:
+                    async for item in stream:
+                        if isinstance(item, Placement):
+                            route.replica = str(item)
+                            attempt.set_attribute("chorus.replica", route.replica)
+                        elif isinstance(item, RemoteError):
+                            raise item.to_exception()
+                        elif whole:
+                            held.append(item)
+                        else:
+                            streamed = True
+                            yield item
+                except REPLICA_LOST as error:
+                    if streamed:
+                        raise _lost(what, error, "after streaming part of the answer") from error
+                    if not _may_retry(request.request_id, request.deadline, route, error, what):
+                        raise _lost(what, error, "before answering") from error
+                    tracing.end(attempt, "UNAVAILABLE", f"replica lost: {type(error).__name__}")
+                    continue
+                finally:
+                    stream.cancel()  # no-op when the stream ended; aborts the engine work when the client went away
             for chunk in held:
                 yield chunk
             return
 
+    @staticmethod
+    def _group_call(model: str, route: "Route"):
+        """The span of one call to a group's replica (a retry gets its own), the parent of the replica's spans."""
+        return tracing.span("chorus.group_call", route.trace_context, kind=tracing.SpanKind.CLIENT,
+                            attributes={"chorus.model": model, "chorus.attempt": route.retries})
+
     async def rerank(self, model: str, job: RerankJob, route: "Route") -> RerankOutcome:
         what = f"model {model!r}"
         while True:
-            response = self._handles[model].rerank.remote(job)
-            try:
-                placement, outcome = await response
-            except asyncio.CancelledError:
-                response.cancel()  # the client went away: abort the windows in the engine
-                raise
-            except REPLICA_LOST as error:
-                if not _may_retry(job.request_id, job.deadline, route, error, what):
-                    raise _lost(what, error, "before answering") from error
-                continue
-            route.replica = str(placement)
-            if isinstance(outcome, RemoteError):
-                raise outcome.to_exception()
-            return outcome
+            with self._group_call(model, route) as attempt:
+                response = self._handles[model].rerank.remote(
+                    dataclasses.replace(job, trace_context=tracing.carrier_of(attempt)))
+                try:
+                    placement, outcome = await response
+                except asyncio.CancelledError:
+                    response.cancel()  # the client went away: abort the windows in the engine
+                    raise
+                except REPLICA_LOST as error:
+                    if not _may_retry(job.request_id, job.deadline, route, error, what):
+                        raise _lost(what, error, "before answering") from error
+                    tracing.end(attempt, "UNAVAILABLE", f"replica lost: {type(error).__name__}")
+                    continue
+                route.replica = str(placement)
+                attempt.set_attribute("chorus.replica", route.replica)
+                if isinstance(outcome, RemoteError):
+                    raise outcome.to_exception()
+                return outcome
 
     async def describe(self) -> list[dict]:
         """Each group as its replicas see it: running and waiting requests summed over its live replicas."""
@@ -255,6 +298,7 @@ class Frontend:
         from server.service import DecodingService
 
         config = parse_chorus_config(args)
+        tracing.configure(config.tracing, "frontend")
         frontend = config.frontend
         host = ray.util.get_node_ip_address() if frontend.host == NODE_IP else frontend.host
         check_exposure(frontend, host)
@@ -330,6 +374,7 @@ class Frontend:
         await self._server.stop(grace=self._drain_grace_s)
         if self._health_server is not None:
             await self._health_server.stop(grace=None)
+        tracing.shutdown()  # sends the spans still buffered
         log.info("chorus front end %s drained", self._address)
 
     async def check_health(self) -> None:

@@ -219,12 +219,35 @@ class FrontendSpec:
     health_port: int | None = None
 
 
+TRACING_PROTOCOLS = ("grpc", "http/protobuf")
+
+
+@dataclasses.dataclass(frozen=True)
+class TracingSpec:
+    """`tracing`: OpenTelemetry spans of every request (the front end, its call to a group, and in the group replica
+    the engine's phases and a request-level strategy's work), exported over OTLP by every front-end and group
+    replica. Off when absent. The exporter also reads the standard OTEL_EXPORTER_OTLP_* environment variables
+    (headers, certificates, compression) set where the replicas run."""
+    # The collector: for "grpc" its address with a scheme, http://host:4317 (plaintext) or https://host:4317 (TLS);
+    # for "http/protobuf" the full URL of the traces path, e.g. http://host:4318/v1/traces.
+    endpoint: str
+    protocol: str = "grpc"
+    # The share of traces started here that are recorded, 0..1. A client that sends a W3C `traceparent` (gRPC
+    # metadata) has its own sampling decision followed instead.
+    sample_ratio: float = 1.0
+    # The `service.name` of the spans' resource.
+    service_name: str = "chorus"
+    # How often finished spans are sent in batches (the OpenTelemetry SDK's BatchSpanProcessor delay).
+    export_interval_ms: int = 5000
+
+
 @dataclasses.dataclass(frozen=True)
 class ChorusConfig:
     models: dict[str, ModelSpec]
     groups: dict[str, GroupSpec]
     default_model: str
     frontend: FrontendSpec
+    tracing: TracingSpec | None = None
 
     @property
     def base_models(self) -> list[str]:
@@ -254,9 +277,10 @@ def parse_chorus_config(args: dict) -> ChorusConfig:
     """Validates the application args of a deploy file."""
     if not isinstance(args, dict):
         raise ConfigError("args: expected a mapping with models, groups, default_model, frontend")
-    unknown = sorted(set(args) - {"models", "groups", "default_model", "frontend"})
+    unknown = sorted(set(args) - {"models", "groups", "default_model", "frontend", "tracing"})
     if unknown:
-        raise ConfigError(f"args: unknown key(s) {unknown}")
+        raise ConfigError(f"args: unknown key(s) {unknown}; allowed: default_model, frontend, groups, models, "
+                          "tracing")
     models = {name: _build(ModelSpec, f"models.{name}", raw, name=name)
               for name, raw in (args.get("models") or {}).items()}
     groups = {name: _parse_group(name, raw) for name, raw in (args.get("groups") or {}).items()}
@@ -303,7 +327,27 @@ def parse_chorus_config(args: dict) -> ChorusConfig:
     default = args.get("default_model") or next(iter(bases))
     if default not in bases:
         raise ConfigError(f"default_model: {default!r} is not the base model of any group ({sorted(bases)})")
-    return ChorusConfig(models=models, groups=groups, default_model=default, frontend=frontend)
+    tracing = _parse_tracing(args["tracing"]) if args.get("tracing") is not None else None
+    return ChorusConfig(models=models, groups=groups, default_model=default, frontend=frontend, tracing=tracing)
+
+
+def _parse_tracing(raw: Any) -> TracingSpec:
+    if isinstance(raw, dict) and "endpoint" not in raw:
+        raise ConfigError("tracing.endpoint: required (the OTLP collector, e.g. http://127.0.0.1:4317)")
+    spec = _build(TracingSpec, "tracing", raw)
+    if not isinstance(spec.endpoint, str) or not spec.endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"tracing.endpoint: a URL starting with http:// or https://, got {spec.endpoint!r}")
+    if spec.protocol not in TRACING_PROTOCOLS:
+        raise ConfigError(f"tracing.protocol: one of {TRACING_PROTOCOLS}, got {spec.protocol!r}")
+    ratio = spec.sample_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ConfigError(f"tracing.sample_ratio: a number from 0 to 1, got {ratio!r}")
+    if not isinstance(spec.service_name, str) or not spec.service_name:
+        raise ConfigError(f"tracing.service_name: a non-empty string, got {spec.service_name!r}")
+    interval = spec.export_interval_ms
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ConfigError(f"tracing.export_interval_ms: a whole number of milliseconds >= 1, got {interval!r}")
+    return spec
 
 
 def _parse_frontend(raw: Any) -> FrontendSpec:

@@ -26,6 +26,7 @@ from server.config import ChorusConfig, LimitsSpec
 from server.engines.base import GenerationChunk, GenerationRequest
 from server.errors import NotFound, ResourceExhausted, status_code_name
 from server.metrics import FrontendMetrics
+from server import tracing
 from server.security import bearer_token
 from server.strategies import registry, rerank
 from server.strategies.protobuf import chat_messages
@@ -36,14 +37,17 @@ NOT_BUILT = "not implemented yet"
 # Every strategy the API declares (the GenerateRequest oneof), whether or not the registry serves it yet.
 API_STRATEGIES = tuple(f.name for f in pb.GenerateRequest.DESCRIPTOR.oneofs_by_name["strategy"].fields)
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decoding"].full_name
 
 
 @dataclasses.dataclass
 class Route:
     """Where the router sent one request, for its log line: the replica that answered (the last one tried) and how
-    many times the request was sent again because a replica was lost before answering."""
+    many times the request was sent again because a replica was lost before answering; and the trace context of
+    the RPC's span, the parent of the router's group calls."""
     replica: str | None = None
     retries: int = 0
+    trace_context: tracing.Carrier = ()
 
     def __str__(self) -> str:
         return f"replica={self.replica or '-'} retries={self.retries}"
@@ -197,16 +201,22 @@ def _usage_proto(chunk: GenerationChunk) -> pb.Usage:
 
 class _Call:
     """One RPC's bookkeeping: its id (returned in the trailing metadata), its deadline for the engine, the status it
-    ends with, its log line and its metrics."""
+    ends with, its log line, its metrics and its span (a child of the client's when its metadata has a W3C
+    traceparent)."""
 
-    def __init__(self, context, field_id: str, metrics: FrontendMetrics):
+    def __init__(self, context, field_id: str, metrics: FrontendMetrics, rpc: str):
         self.context, self.metrics = context, metrics
         self.request_id, self._bad_id = _request_id(field_id, context)
         self.trailing = ((REQUEST_ID_METADATA, self.request_id),)
         context.set_trailing_metadata(self.trailing)
         self.started = time.monotonic()
         self.status: str | None = None
-        self.route = Route()
+        self._message = ""
+        self.span = tracing.start(
+            f"{SERVICE_NAME}/{rpc}", tracing.from_metadata(context.invocation_metadata()),
+            kind=tracing.SpanKind.SERVER, attributes={"rpc.system": "grpc", "rpc.service": SERVICE_NAME,
+                                                      "rpc.method": rpc, "chorus.request_id": self.request_id})
+        self.route = Route(trace_context=tracing.carrier_of(self.span))
 
     def deadline(self) -> float | None:
         """The client's deadline as an absolute time.time(), for the engine; None without one."""
@@ -224,7 +234,7 @@ class _Call:
         except asyncio.CancelledError:
             raise  # the client went away or its deadline passed; `log` tells which
         except Exception as error:
-            self.status = status_code_name(error)
+            self.status, self._message = status_code_name(error), str(error)
             if self.status == "INTERNAL":
                 log.exception("request %s failed", self.request_id)
             await self.context.abort(getattr(grpc.StatusCode, self.status), str(error)[:4000], self.trailing)
@@ -238,6 +248,12 @@ class _Call:
                  "latency_ms=%.1f status=%s", self.request_id, rpc, model, strategy, details, prompt_tokens,
                  completion_tokens, self.route, 1000 * latency_s, status)
         self.metrics.record(rpc, model, strategy, status, latency_s, prompt_tokens, completion_tokens, forward_passes)
+        if self.span.is_recording():
+            self.span.set_attributes({"chorus.model": model, "chorus.strategy": strategy,
+                                      "chorus.prompt_tokens": prompt_tokens,
+                                      "chorus.completion_tokens": completion_tokens,
+                                      "chorus.replica": self.route.replica or "", "chorus.retries": self.route.retries})
+            tracing.end(self.span, status, self._message)
 
 
 class DecodingService(pb_grpc.DecodingServicer):
@@ -283,7 +299,7 @@ class DecodingService(pb_grpc.DecodingServicer):
 
     async def _generate(self, request, context, rpc: str):
         """Validates, routes and streams one request; logs one line for it; maps every failure to a status."""
-        call = _Call(context, request.request_id, self._metrics)
+        call = _Call(context, request.request_id, self._metrics, rpc)
         model = request.model or self._config.default_model
         strategy = request.WhichOneof("strategy") or "plain"
         prompt_tokens = completion_tokens = 0
@@ -306,7 +322,7 @@ class DecodingService(pb_grpc.DecodingServicer):
             call.finish(rpc, model, strategy, prompt_tokens, completion_tokens, forward_passes)
 
     async def Rerank(self, request, context):
-        call = _Call(context, request.request_id, self._metrics)
+        call = _Call(context, request.request_id, self._metrics, "Rerank")
         model = request.model or self._config.default_reranker
         usage = pb.Usage()
         try:

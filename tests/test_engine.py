@@ -46,6 +46,18 @@ def test_greedy_chat_answers_paris(engine):
     assert last.usage.forward_passes == {"smollm2": len(ids)}
 
 
+async def timed(engine, request):
+    """The request's last chunk between the times it was sent and it ended."""
+    sent = time.time()
+    _, _, last = await collect(engine, request)
+    return sent, last, time.time()
+
+
+def test_the_last_chunk_says_when_the_sequence_was_admitted_and_got_its_first_token(engine):
+    sent, last, ended = asyncio.run(timed(engine, chat(QUESTIONS[0], temperature=0, max_tokens=6)))
+    assert sent <= last.phases.admitted <= last.phases.first_token <= ended
+
+
 def test_concurrent_greedy_requests_equal_their_solo_runs(engine):
     requests = [chat(q, temperature=0, max_tokens=24) for q in QUESTIONS]
     solo = [asyncio.run(collect(engine, r))[1] for r in requests]

@@ -13,7 +13,7 @@ from server.engines.base import GenerationRequest
 from server.engines.transformers_engine import TransformersEngine
 from server.errors import DeadlineExceeded
 from tests.conftest import EMBEDDED, VLLM_LOOP
-from tests.test_engine import QUESTIONS, chat, collect
+from tests.test_engine import QUESTIONS, chat, collect, timed
 
 @pytest.fixture(scope="module")
 def engine(vllm_engine):
@@ -54,6 +54,11 @@ def test_streamed_deltas_and_usage(engine):
     assert "Paris" in text
     assert last.finish_reason == "stop" and last.usage.completion_tokens == len(ids)
     assert engine.tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_the_last_chunk_carries_vllms_own_schedule_and_first_token_times(engine):
+    sent, last, ended = run(timed(engine, chat(QUESTIONS[0], temperature=0, max_tokens=6)))
+    assert sent <= last.phases.admitted <= last.phases.first_token <= ended
 
 
 def test_concurrent_requests_equal_solo_runs(engine):

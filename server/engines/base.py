@@ -27,6 +27,9 @@ class GenerationRequest:
     deadline: float | None = None
     # A token-level strategy's knobs (decoding/strategies.py); None: plain sampling.
     strategy: Strategy | None = None
+    # The W3C trace context (traceparent, tracestate) of the span this request's work belongs to; empty when the
+    # request is not traced (server/tracing.py).
+    trace_context: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass
@@ -34,6 +37,15 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     forward_passes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseTimes:
+    """When a generated sequence went from one engine phase to the next (wall clock, time.time()): `admitted` when
+    the engine scheduled it (its KV slots taken; vLLM: scheduled), `first_token` when its prefill ended with its
+    first sampled token. Before `admitted` it waited in the engine's queue, after `first_token` it decoded."""
+    admitted: float
+    first_token: float
 
 
 @dataclasses.dataclass
@@ -48,6 +60,8 @@ class GenerationChunk:
     report: Report | None = None
     # A request-level strategy's finished phase (best-of-N: candidates sampled, a round judged); no text.
     progress: object | None = None
+    # On the last chunk of a sequence the engine generated itself (not a request-level strategy's answer).
+    phases: PhaseTimes | None = None
 
 
 async def whole_completion(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:

@@ -36,7 +36,8 @@ from decoding.plans import PlanSpec
 from decoding.sampling import SamplingParams, make_generator, sample
 from decoding.text import IncrementalDetokenizer, StopStringMatcher
 from server.config import ChorusConfig, GroupSpec, ModelSpec
-from server.engines.base import (Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, Usage)
+from server.engines.base import (Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, PhaseTimes,
+                                 Usage)
 from server.lockstep.guides import ModelLoader
 from server.strategies.registry import PlanResolver, availability
 from server.engines.prompts import check_token_ids, load_tokenizer, prompt_token_ids
@@ -105,6 +106,8 @@ class _Sequence:
     live: bool = False  # in the host, holding its slots (prefilling, then decoding)
     decoding: bool = False  # prefilled: samples a token every step
     done: bool = False
+    admitted_at: float = 0.0  # time.time() when it took its slots (a fork: when its leader did)
+    first_token_at: float = 0.0
 
     @property
     def sampling(self) -> SamplingParams:
@@ -371,6 +374,7 @@ class TransformersEngine(Engine):
                 self._pending -= 1
             self._host.add(leader.key, leader.plan, base_context=leader.prompt_ids, prefill_now=False)
             leader.live = True
+            leader.admitted_at = time.time()
             self._live.append(leader)
             self._prefilling[leader.key] = leader
 
@@ -410,6 +414,7 @@ class TransformersEngine(Engine):
                 for fork in leader.forks:
                     self._host.fork(leader.key, fork.key)
                     fork.live = True
+                    fork.admitted_at = leader.admitted_at
                     self._live.append(fork)
                 ready += leader.family
         for seq in ready:
@@ -426,6 +431,8 @@ class TransformersEngine(Engine):
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         seq.generated.append(token)
+        if len(seq.generated) == 1:
+            seq.first_token_at = time.time()
         sampling = seq.sampling
         if token in self._eos and not sampling.ignore_eos:
             return self._finish(seq, "stop", seq.stops.flush(), [token])
@@ -442,7 +449,8 @@ class TransformersEngine(Engine):
         plan = self._host.plan(seq.key)
         self._retire(seq)
         seq.deliver(GenerationChunk(text=text, token_ids=token_ids, finish_reason=reason, usage=usage,
-                                    seed=seq.seed, report=plan.report() if plan else None))
+                                    seed=seq.seed, report=plan.report() if plan else None,
+                                    phases=PhaseTimes(seq.admitted_at, seq.first_token_at)))
 
     def _retire(self, item: _Sequence | _Job) -> None:
         """Drops finished, cancelled or expired work (a live sequence's slots free at once)."""

@@ -30,7 +30,8 @@ from typing import AsyncIterator, Sequence
 from decoding.errors import InvalidArgument
 from decoding.plans import PlanSpec
 from server.config import ChorusConfig, GroupSpec, ModelSpec
-from server.engines.base import Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, Usage
+from server.engines.base import (Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, PhaseTimes,
+                                 Usage)
 from server.strategies.registry import PlanResolver, availability
 from server.engines.prompts import check_token_ids, load_tokenizer, prompt_token_ids
 from server.errors import ConfigError, DeadlineExceeded, FailedPrecondition, ResourceExhausted
@@ -172,6 +173,7 @@ class VLLMEngine(Engine):
                         chunk.usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                                             forward_passes=dict(passes))
                         chunk.seed = seed
+                        chunk.phases = _phase_times(output.metrics)
                     yield chunk
         except TimeoutError:
             raise DeadlineExceeded(f"deadline passed after {completion_tokens} tokens") from None
@@ -245,6 +247,16 @@ class VLLMEngine(Engine):
     def shutdown(self) -> None:
         self._llm.shutdown()
         self._reports.close()
+
+
+def _phase_times(stats) -> PhaseTimes | None:
+    """vLLM's own request timestamps (RequestStateStats: when its scheduler first scheduled the request, when the
+    first token came) as wall-clock PhaseTimes. They are time.monotonic() of vLLM's engine-core process, the same
+    clock in every process of this machine. None when vLLM keeps no stats (engine argument disable_log_stats)."""
+    if stats is None or not stats.scheduled_ts or not stats.first_token_ts:
+        return None
+    offset = time.time() - time.monotonic()
+    return PhaseTimes(admitted=stats.scheduled_ts + offset, first_token=stats.first_token_ts + offset)
 
 
 def _vllm_gauge(name: str) -> float:

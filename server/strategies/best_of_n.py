@@ -24,6 +24,7 @@ from decoding.strategies import BestOfNCandidate, BestOfNParams, BestOfNProgress
 from server.config import GroupSpec, GuideSpec
 from server.engines.base import Engine, GenerationChunk, GenerationRequest, Usage, whole_completion
 from server.engines.prompts import chat_prompt_text, render_prompt
+from server import tracing
 from server.errors import FailedPrecondition
 from server.strategies.protobuf import enum_choice, optionals
 
@@ -134,7 +135,9 @@ class Judge:
         orders = [[(a, b), (b, a)] if self.p.both_orders else [(a, b)] for a, b in pairs]
         flat = [order for match in orders for order in match]
         judge = self._generate if self.p.verdict_mode == "generate" else self._score_pair
-        done = await asyncio.gather(*(judge(first, second) for first, second in flat))
+        with tracing.span("chorus.best_of_n.round", self.request.trace_context,
+                          attributes={"chorus.matches": len(pairs), "chorus.judge_calls": len(flat)}):
+            done = await asyncio.gather(*(judge(first, second) for first, second in flat))
         self.work.judge_calls += len(flat)
         it = iter(done)
         return [tuple(next(it) for _ in match) for match in orders]
@@ -285,7 +288,8 @@ async def run(engine: Engine, group: GroupSpec, request: GenerationRequest, p: B
     sampling = candidate_sampling(request, p, seed)
     _check_limits(engine, group, p, sampling, question)
     work = Work()
-    chunks = await _candidates(engine, request, p, sampling)
+    with tracing.span("chorus.best_of_n.candidates", request.trace_context, attributes={"chorus.n": p.n}):
+        chunks = await _candidates(engine, request, p, sampling)
     for chunk in chunks:
         work.add(chunk.usage)
     candidates = [BestOfNCandidate(c.text, list(c.token_ids), c.finish_reason, bon.answer_key(c.text, p.template))
@@ -297,7 +301,10 @@ async def run(engine: Engine, group: GroupSpec, request: GenerationRequest, p: B
                            candidates=candidates, winner=0)
     if p.selection == "pointwise":
         if len(candidates) > 1:
-            report.pointwise_scores = list(await asyncio.gather(*(judge.alone(i) for i in range(len(candidates)))))
+            with tracing.span("chorus.best_of_n.scoring", request.trace_context,
+                              attributes={"chorus.judge_calls": len(candidates)}):
+                report.pointwise_scores = list(await asyncio.gather(*(judge.alone(i)
+                                                                      for i in range(len(candidates)))))
             work.judge_calls += len(candidates)
             yield GenerationChunk("", [], progress=BestOfNProgress("scored", remaining=1,
                                                                    judge_calls=work.judge_calls))

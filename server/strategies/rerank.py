@@ -33,6 +33,7 @@ from server.config import GroupSpec
 from server.engines.base import Engine, GenerationRequest, Usage, whole_completion
 from server.engines.prompts import chat_prompt_text
 from server.errors import FailedPrecondition
+from server import tracing
 from server.strategies.protobuf import enum_choice
 
 _MODES = {pb.RerankRequest.MODE_UNSPECIFIED: "first_token", pb.RerankRequest.MODE_FIRST_TOKEN: "first_token",
@@ -68,6 +69,8 @@ class RerankJob:
     request_id: str
     params: rr.RerankParams
     deadline: float | None = None  # time.time() after which the work is abandoned
+    # The W3C trace context of the span the job's work belongs to (server/tracing.py); empty: not traced.
+    trace_context: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass
@@ -197,10 +200,13 @@ class Reranker:
             items = order[start:end]
             report = WindowReport(start, end)
             shown_orders = rr.shuffles(len(items), p.permutations, rng)
-            report.passage_words = self._fit(p, [[items[i] for i in shown] for shown in shown_orders])
-            rankings = await asyncio.gather(*(
-                self._rank(job, [items[i] for i in shown], report, f"{job.request_id}-w{start}-p{k}")
-                for k, shown in enumerate(shown_orders)))
+            with tracing.span("chorus.rerank.window", job.trace_context,
+                              attributes={"chorus.window.start": start, "chorus.window.end": end,
+                                          "chorus.permutations": len(shown_orders)}):
+                report.passage_words = self._fit(p, [[items[i] for i in shown] for shown in shown_orders])
+                rankings = await asyncio.gather(*(
+                    self._rank(job, [items[i] for i in shown], report, f"{job.request_id}-w{start}-p{k}")
+                    for k, shown in enumerate(shown_orders)))
             in_window = [[shown[i] for i in ranking] for shown, ranking in zip(shown_orders, rankings)]
             order[start:end] = [items[i] for i in rr.aggregate(in_window, len(items), p.aggregation)]
             report.latency_ms = 1000 * (time.monotonic() - began)

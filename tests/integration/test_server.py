@@ -4,6 +4,7 @@ reflection, errors, deadlines."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import urllib.request
@@ -11,11 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chorus.v1 import decoding_pb2 as pb
 from tests.integration.conftest import ROOT, status_of, wait_for_load, wait_for_log_line
+from tests.otlp_receiver import GrpcReceiver
 from tests.integration.best_of_n_checks import (  # noqa: F401  (best-of-N over this module's server)
     test_a_deadline_in_the_middle_of_the_bracket_frees_every_slot,
     test_bad_best_of_n_knobs_are_invalid_argument_naming_the_field,
@@ -37,6 +40,26 @@ from tests.integration.strategy_checks import (  # noqa: F401  (collected and ru
     test_neutral_knobs_reduce_to_plain_greedy)
 
 pytestmark = pytest.mark.integration
+
+# The collector this module's server sends its spans to (tracing on for every request here).
+RECEIVER: GrpcReceiver | None = None
+
+
+def CONFIG(folder) -> str:  # noqa: N802
+    """deploy/local.yaml with tracing on, to an OTLP collector in this test process."""
+    global RECEIVER
+    RECEIVER = GrpcReceiver()
+    raw = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    raw["applications"][0]["args"]["tracing"] = {"endpoint": RECEIVER.endpoint, "export_interval_ms": 200}
+    path = folder / "local-traced.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def receiver(server):
+    yield RECEIVER
+    RECEIVER.stop()
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is 2 + 2?",
              "Who wrote Hamlet?", "What is the largest planet?", "Translate 'cat' to French.",
@@ -369,3 +392,74 @@ def test_a_short_soak_loses_no_request_and_leaves_nothing_running(stub, server):
     assert summary["by_status"].get("OK", 0) >= 8 and len(summary["by_kind"]) >= 5, summary
     assert len(run["samples"]) >= 5 and all(len(s["rss"]) >= 4 for s in run["samples"])
     assert any(s.get("kv_cache_usage", 0) > 0 for s in run["samples"]), "the KV cache was in use"
+
+
+def traced(trace_id: str) -> tuple[tuple[str, str], ...]:
+    return (("traceparent", f"00-{trace_id}-{os.urandom(8).hex()}-01"),)
+
+
+def by_name(spans) -> dict:
+    return {s.name: s for s in spans}
+
+
+def test_a_traced_request_links_the_client_the_front_end_the_group_call_and_the_engine_phases(stub, receiver):
+    trace_id = os.urandom(16).hex()
+    metadata = traced(trace_id)
+    request = chat(QUESTIONS[0], temperature=0, max_tokens=8)
+    request.contrastive.SetInParent()
+    response = stub.Generate(request, metadata=metadata, timeout=120)
+    names = {"chorus.v1.Decoding/Generate", "chorus.group_call", "chorus.group.generate", "chorus.engine.queue",
+             "chorus.engine.prefill", "chorus.engine.decode"}
+    spans = by_name(receiver.wait_for(names, bytes.fromhex(trace_id)))
+    assert set(spans) == names
+    rpc, call, replica = (spans[n] for n in ("chorus.v1.Decoding/Generate", "chorus.group_call",
+                                              "chorus.group.generate"))
+    assert rpc.span.parent_span_id.hex() == metadata[0][1].split("-")[2]  # the client's span
+    assert call.span.parent_span_id == rpc.span.span_id and replica.span.parent_span_id == call.span.span_id
+    phases = [spans[f"chorus.engine.{p}"] for p in ("queue", "prefill", "decode")]
+    assert all(p.span.parent_span_id == replica.span.span_id for p in phases)
+    assert [s.resource["chorus.component"] for s in (rpc, call, replica)] == ["frontend", "frontend", "group:smollm2"]
+    # Nested in time, the phases one after the other (one machine: one clock).
+    bounds = [(s.span.start_time_unix_nano, s.span.end_time_unix_nano) for s in (rpc, call, replica)]
+    assert bounds[0][0] <= bounds[1][0] <= bounds[2][0] and bounds[2][1] <= bounds[1][1] <= bounds[0][1]
+    edges = [t for p in phases for t in (p.span.start_time_unix_nano, p.span.end_time_unix_nano)]
+    assert edges == sorted(edges) and bounds[2][0] <= edges[0] and edges[-1] <= bounds[2][1]
+    assert rpc.attributes["chorus.request_id"] == response.request_id == replica.attributes["chorus.request_id"]
+    assert (rpc.attributes["chorus.strategy"], rpc.attributes["chorus.completion_tokens"]) == ("contrastive", 8)
+    assert rpc.attributes["chorus.status"] == "OK" and call.attributes["chorus.replica"] == rpc.attributes[
+        "chorus.replica"] == replica.attributes["chorus.replica"]
+    decode = phases[2].attributes
+    assert {model: decode[f"chorus.forward_passes.{model}"] for model in response.usage.forward_passes} == dict(
+        response.usage.forward_passes)
+
+
+def test_request_level_strategies_reranking_and_refused_requests_are_traced(stub, receiver):
+    ids = {name: os.urandom(16).hex() for name in ("best_of_n", "rerank", "refused")}
+    stub.Generate(pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=QUESTIONS[2])],
+                                     sampling=pb.SamplingParams(max_tokens=8, temperature=0),
+                                     best_of_n=pb.BestOfN(n=2, verdict=pb.BestOfN.VERDICT_SCORE)),
+                  metadata=traced(ids["best_of_n"]), timeout=300)
+    stub.Rerank(pb.RerankRequest(query="What is the capital of France?", passages=[
+        "Bananas are rich in potassium.", "Paris is the capital of France.", "Cats sleep a lot."]),
+        metadata=traced(ids["rerank"]), timeout=300)
+    with pytest.raises(grpc.RpcError):
+        stub.Generate(chat(QUESTIONS[0], temperature=-1), metadata=traced(ids["refused"]), timeout=30)
+
+    spans = by_name(receiver.wait_for({"chorus.group.generate", "chorus.best_of_n.candidates",
+                                       "chorus.best_of_n.round"}, bytes.fromhex(ids["best_of_n"])))
+    replica = spans["chorus.group.generate"].span
+    assert spans["chorus.best_of_n.candidates"].span.parent_span_id == replica.span_id
+    assert spans["chorus.best_of_n.round"].span.parent_span_id == replica.span_id
+    assert spans["chorus.best_of_n.round"].attributes == {"chorus.matches": 1, "chorus.judge_calls": 1,
+                                                          "chorus.status": "OK"}
+
+    spans = by_name(receiver.wait_for({"chorus.v1.Decoding/Rerank", "chorus.group.rerank", "chorus.rerank.window"},
+                                      bytes.fromhex(ids["rerank"])))
+    assert spans["chorus.rerank.window"].span.parent_span_id == spans["chorus.group.rerank"].span.span_id
+    assert spans["chorus.rerank.window"].attributes["chorus.window.end"] == 3
+
+    [refused] = receiver.wait_for({"chorus.v1.Decoding/Generate"}, bytes.fromhex(ids["refused"]))
+    assert refused.attributes["chorus.status"] == "INVALID_ARGUMENT"
+    assert refused.span.status.message.startswith("INVALID_ARGUMENT: ") and "temperature" in refused.span.status.message
+    time.sleep(1)  # nothing else of it arrives: it never reached a group
+    assert [s.name for s in receiver.spans(bytes.fromhex(ids["refused"]))] == ["chorus.v1.Decoding/Generate"]
