@@ -32,7 +32,7 @@ BASE = GROUP.base
 assert BASE == reference.BASE and list(GROUP.guides) == list(reference.GUIDES)
 
 QUESTIONS = ["What is the capital of France?", "Give me a tip for staying healthy.", "Describe a cat in one line."]
-STEPS = 32
+STEPS = 24
 REFERENCE_MAX_LEN = 512
 
 CASES = {

@@ -1,7 +1,7 @@
 """Entropy-adaptive model switching: the entropy in bits, the switching rule on the hand example, the plan's stream
 selection and report (single and batched steps, a position stepped again, a replay), the knobs, the strategy
 layer's errors, calibration's quantile, and the catch-up of a skipped model on real weights. The engines' tokens and
-reports against the independent reference are in test_lockstep_engine.py and test_vllm_strategies.py (cases
+reports against the independent reference are in test_lockstep_engine.py and test_vllm_engine.py (cases
 `entropy-switch*` of tests/strategy_cases.py); through the real server in tests/integration."""
 
 from __future__ import annotations

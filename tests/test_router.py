@@ -19,6 +19,7 @@ from server.config import load_deploy_file
 from server.engines.base import GenerationChunk, GenerationRequest
 from server.errors import ChorusError, Unavailable
 from server.service import Route
+from server.strategies.rerank import RerankJob
 from tests.strategy_cases import REPO
 
 CONFIG = load_deploy_file(REPO / "deploy" / "local.yaml").chorus
@@ -158,7 +159,7 @@ def test_an_error_the_replica_reports_keeps_its_code_and_is_not_retried():
 
 def test_rerank_is_sent_once_more_when_its_replica_is_lost_and_only_once():
     router = HandleRouter(CONFIG, {"smollm2": ScriptedHandle([LOST, (SECOND, "outcome")])})
-    job = type("Job", (), {"request_id": "j", "deadline": None})()
+    job = RerankJob("j", params=None)
     route = Route()
     assert asyncio.run(router.rerank(MODEL, job, route)) == "outcome"
     assert (route.retries, route.replica) == (1, "r2@10.0.0.2")

@@ -5,7 +5,7 @@ import torch
 from server.lockstep.runner import ModelRunner
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a village by the sea,", "def fibonacci(n):"]
-STEPS = 32
+STEPS = 20
 
 
 def naive_greedy(model, prompt_ids, steps):
@@ -19,9 +19,9 @@ def naive_greedy(model, prompt_ids, steps):
 def test_batched_cached_greedy_equals_naive_recompute_with_joins_leaves_and_partial_steps(hf_model, tokenizer):
     runner = ModelRunner(hf_model, vocab_size=len(tokenizer), max_slots=3, max_len=128)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
-    # Sequence 0 and 1 start together; 2 joins after 5 steps; 0 leaves early (after 20 tokens).
+    # Sequence 0 and 1 start together; 2 joins after 5 steps; 0 leaves early (after 12 tokens).
     join_at = {0: 0, 1: 0, 2: 5}
-    leave_after = {0: 20, 1: STEPS, 2: STEPS}
+    leave_after = {0: 12, 1: STEPS, 2: STEPS}
     live, generated, slots = [], {i: [] for i in range(3)}, {}
     for step in range(2 * STEPS):
         for i, at in join_at.items():

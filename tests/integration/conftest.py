@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.cluster import descendants, process_table
 from bench.run import free_port
 from chorus.v1 import decoding_pb2 as pb
 from chorus.v1 import decoding_pb2_grpc as pb_grpc
@@ -21,9 +22,22 @@ from server.health import wait_until_serving
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def ray_processes() -> set[str]:
-    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout
-    return set(out.split())
+def ray_processes_of(server: "Server") -> dict[int, str]:
+    """The Ray cluster processes (GCS, raylet) a running server started: pid → command line. Only its own, so a
+    cluster another test process runs meanwhile (`make test` runs two) does not count."""
+    return {pid: args for pid, args in descendants(server.proc.pid).items()
+            if "raylet" in args or "gcs_server" in args}
+
+
+def left_running(processes: dict[int, str], wait_s: float = 10) -> dict[int, str]:
+    """Which of `processes` still run after up to `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        table = process_table()
+        alive = {pid: args for pid, args in processes.items() if pid in table and table[pid][1] == args}
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
 
 
 class Server:
@@ -74,17 +88,18 @@ def server(request, model_path, tmp_path_factory):
     config = getattr(request.module, "CONFIG", "deploy/local.yaml")
     if callable(config):
         config = config(tmp_path_factory.mktemp("deploy"))
-    before = ray_processes()
     server = Server(config)
+    cluster = {}
     try:
         server.wait_serving()
+        cluster = ray_processes_of(server)
         yield server
     finally:
         stopped_by_a_test = server.proc.poll() is not None
         code = server.stop()
     if not stopped_by_a_test:
         assert code == 0, f"server exited with {code} on SIGINT:\n{server.log()[-3000:]}"
-        assert ray_processes() <= before, "Ray processes were left behind"
+        assert cluster and left_running(cluster) == {}, f"Ray processes were left behind: {cluster}"
 
 
 @pytest.fixture(scope="module")

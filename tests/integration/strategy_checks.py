@@ -45,7 +45,7 @@ MODES = {
 def strategy_answers(stub):
     """Every mode's answer, all sent at once with two plain requests beside them. That batched answers equal solo
     ones and the naive full-recompute reference is checked in-process, where it is cheaper and exact
-    (tests/test_lockstep_engine.py, tests/test_vllm_strategies.py); the server adds routing and streaming, not
+    (tests/test_lockstep_engine.py, tests/test_vllm_engine.py); the server adds routing and streaming, not
     batching."""
     requests = [chat(**fields) for fields in MODES.values()] + [chat("What is the capital of France?")] * 2
     with ThreadPoolExecutor(len(requests)) as pool:

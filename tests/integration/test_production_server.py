@@ -25,7 +25,7 @@ from bench.run import free_port
 from chorus.v1 import decoding_pb2 as pb
 from chorus.v1 import decoding_pb2_grpc as pb_grpc
 from server.security import MISSING_TOKEN, WRONG_TOKEN, self_signed_certificate
-from tests.integration.conftest import ROOT, Server, ray_processes, status_of, wait_for_log_line
+from tests.integration.conftest import ROOT, Server, left_running, ray_processes_of, status_of, wait_for_log_line
 
 pytestmark = pytest.mark.integration
 
@@ -50,16 +50,17 @@ def server(model_path, tmp_path_factory):
                                    "upscale_delay_s": 1, "downscale_delay_s": 5, "look_back_period_s": 2}
     config = tmp_path_factory.mktemp("deploy") / "secure.yaml"
     config.write_text(yaml.safe_dump(raw))
-    before = ray_processes()
     server = Server(str(config), env={"CHORUS_TOKEN": ",".join(TOKENS)})
     server.health_address = f"127.0.0.1:{health_port}"
+    cluster = {}
     try:
         server.wait_serving(address=server.health_address)
+        cluster = ray_processes_of(server)
         yield server
     finally:
         code = server.stop()
     assert code == 0, f"server exited with {code} on SIGINT:\n{server.log()[-3000:]}"
-    assert ray_processes() <= before, "Ray processes were left behind"
+    assert cluster and left_running(cluster) == {}, f"Ray processes were left behind: {cluster}"
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chorus.v1 import decoding_pb2 as pb
 from tests.integration.conftest import ROOT, status_of, wait_for_load, wait_for_log_line
-from tests.otlp_receiver import GrpcReceiver
+from bench.otlp_collector import GrpcReceiver
 from tests.integration.best_of_n_checks import (  # noqa: F401  (best-of-N over this module's server)
     test_a_deadline_in_the_middle_of_the_bracket_frees_every_slot,
     test_bad_best_of_n_knobs_are_invalid_argument_naming_the_field,
@@ -52,7 +52,7 @@ def CONFIG(folder) -> str:  # noqa: N802
     raw = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
     raw["applications"][0]["args"]["tracing"] = {"endpoint": RECEIVER.endpoint, "export_interval_ms": 200}
     path = folder / "local-traced.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))  # guides keep their order (ListModels lists them so)
     return str(path)
 
 
@@ -379,15 +379,15 @@ def test_metrics_reach_ray_s_prometheus_port_and_the_dashboard_charts_only_expor
 
 
 def test_a_short_soak_loses_no_request_and_leaves_nothing_running(stub, server):
-    """bench/soak.py (`make soak`, 10 minutes) for 20 s: 8 clients of mixed strategies, cancellations and
+    """bench/soak.py (`make soak`, 10 minutes) for 12 s: 8 clients of mixed strategies, cancellations and
     deadlines."""
     from bench.soak import check_server_log, soak, summarize
 
-    run = soak(server.address, server.proc.pid, server.metrics_port, duration_s=20, clients=8, sample_s=2, seed=1)
+    run = soak(server.address, server.proc.pid, server.metrics_port, duration_s=12, clients=8, sample_s=1.5, seed=1)
     wait_for_load(stub, (0, 0))
     time.sleep(1)  # the last log lines
     summary = summarize(run, check_server_log(run["outcomes"], server.log()))
-    assert summary["requests"] >= 15, summary["by_status"]
+    assert summary["requests"] >= 10, summary["by_status"]
     assert (summary["lost"], summary["hung"], summary["internal"], summary["clients_still_running"]) == ([], [], 0, 0)
     assert summary["by_status"].get("OK", 0) >= 8 and len(summary["by_kind"]) >= 5, summary
     assert len(run["samples"]) >= 5 and all(len(s["rss"]) >= 4 for s in run["samples"])
@@ -437,7 +437,9 @@ def test_request_level_strategies_reranking_and_refused_requests_are_traced(stub
     ids = {name: os.urandom(16).hex() for name in ("best_of_n", "rerank", "refused")}
     stub.Generate(pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=QUESTIONS[2])],
                                      sampling=pb.SamplingParams(max_tokens=8, temperature=0),
-                                     best_of_n=pb.BestOfN(n=2, verdict=pb.BestOfN.VERDICT_SCORE)),
+                                     # The general template has no answer teams: the one match is always judged.
+                                     best_of_n=pb.BestOfN(n=2, verdict=pb.BestOfN.VERDICT_SCORE,
+                                                          template=pb.BestOfN.TEMPLATE_GENERAL)),
                   metadata=traced(ids["best_of_n"]), timeout=300)
     stub.Rerank(pb.RerankRequest(query="What is the capital of France?", passages=[
         "Bananas are rich in potassium.", "Paris is the capital of France.", "Cats sleep a lot."]),

