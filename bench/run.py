@@ -383,17 +383,20 @@ def in_fresh_process(function, *args):
 
 # ---- report ----
 
-def plot(results: dict, levels: list[int], path: Path, title: str) -> None:
-    """Medians over the repetitions, bars from min to max."""
+PANELS = [("tokens_per_s", "completion tokens/s"), ("ttft_ms_p50", "TTFT p50 (ms)"),
+          ("itl_ms_p50", "inter-token latency p50 (ms)"), ("itl_ms_p99", "inter-token latency p99 (ms)")]
+
+
+def plot(results: dict, levels: list[int], path: Path, title: str, modes: tuple[str, ...] = ("server", "in_process"),
+         panels: list[tuple[str, str]] = PANELS) -> None:
+    """Medians over the repetitions, bars from min to max: a panel per (statistic, label), a line per mode."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
-    panels = [("tokens_per_s", "completion tokens/s"), ("ttft_ms_p50", "TTFT p50 (ms)"),
-              ("itl_ms_p50", "inter-token latency p50 (ms)"), ("itl_ms_p99", "inter-token latency p99 (ms)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.75 * len(panels), 4.2))
     for ax, (key, label) in zip(axes, panels):
-        for mode, marker in (("server", "o"), ("in_process", "s")):
+        for mode, marker in zip(modes, "os^v"):
             med = [results[mode][c][key] for c in levels]
             low = [m - results[mode][c]["range"][key][0] for m, c in zip(med, levels)]
             high = [results[mode][c]["range"][key][1] - m for m, c in zip(med, levels)]
