@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def main() -> int:
     reps = args.repetitions
     load_before = os.getloadavg()
     collector = GrpcReceiver()
-    traced = traced_config(args.config, collector.endpoint, out)
+    folder = tempfile.TemporaryDirectory()
+    traced = traced_config(args.config, collector.endpoint, Path(folder.name))
     log_path = out / f"{args.name}-server.log"
     log_path.write_text("")
     progress = Progress(total=reps * 2 * len(levels))
@@ -71,6 +73,7 @@ def main() -> int:
         per_repetition.append(measured)
         progress.repetition_done(rep, reps, started)
     collector.stop()
+    folder.cleanup()
 
     results = {mode: {c: aggregate([r[mode][c] for r in per_repetition]) for c in levels} for mode in MODES}
     medians, spread = aggregate_ratios([ratios(r, levels) for r in per_repetition])
