@@ -30,7 +30,7 @@ def traced_config(config: str, endpoint: str, folder: Path) -> str:
     raw = yaml.safe_load(Path(config).read_text())
     raw["applications"][0]["args"]["tracing"] = {"endpoint": endpoint, "sample_ratio": 1.0}
     path = folder / "traced.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return str(path)
 
 
