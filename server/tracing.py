@@ -43,10 +43,9 @@ _tracer: trace.Tracer | None = None
 _provider = None
 
 
-def configure(spec: TracingSpec | None, component: str, exporter=None) -> None:
+def configure(spec: TracingSpec | None, component: str) -> None:
     """Sets up this process's tracer from the config (None: tracing off). `component` names the process in the
-    spans' resource (`chorus.component`: "frontend" or "group:<name>"). `exporter` replaces the OTLP exporter (a
-    test's in-memory one)."""
+    spans' resource (`chorus.component`: "frontend" or "group:<name>")."""
     global _tracer, _provider
     shutdown()
     if spec is None:
@@ -56,12 +55,11 @@ def configure(spec: TracingSpec | None, component: str, exporter=None) -> None:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    if exporter is None:
-        if spec.protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        exporter = OTLPSpanExporter(endpoint=spec.endpoint)
+    if spec.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    exporter = OTLPSpanExporter(endpoint=spec.endpoint)
     _provider = TracerProvider(
         resource=Resource.create({"service.name": spec.service_name, "chorus.component": component}),
         sampler=ParentBased(TraceIdRatioBased(spec.sample_ratio)))
