@@ -1,5 +1,6 @@
 # Chorus: the two commands a newcomer needs are `make serve` and `make test`.
-# Each creates the virtual environment, installs, generates the API stubs and fetches the embedded model first.
+# Each creates the virtual environment, installs (building the package generates the API stubs, setup.py) and
+# fetches the embedded models first.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -46,12 +47,11 @@ $(VENV)/.installed-cpu: $(VENV)/.installed
 	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
-# Stubs are generated, never edited and never committed (chorus/v1/ is ignored).
+# Stubs are generated, never edited and never committed (chorus/v1/ is ignored). Installing generates them
+# (setup.py); this regenerates them in place after a change to protos/, with the same function.
 proto: $(STUBS)
 $(STUBS): $(PROTOS) $(VENV)/.installed
-	mkdir -p chorus/v1
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
-	touch chorus/v1/__init__.py
+	$(BIN)/python -c 'import setup; setup.generate_stubs(setup.ROOT)'
 
 # Downloads and converts the embedded models the tests use once into the cache (~/.cache/chorus or $CHORUS_CACHE):
 # SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct (server/models.py says where they come from).

@@ -257,13 +257,13 @@ def free_port() -> int:
 
 def start_server(config: str, port: int, log_path: Path, metrics_port: int | None = None) -> subprocess.Popen:
     log = open(log_path, "a")
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", config, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "chorus.cli", "serve", "--config", config, "--port", str(port),
                              "--metrics-port", str(metrics_port or free_port())],
                             stdout=log, stderr=subprocess.STDOUT)
     exited = lambda: f"server exited ({proc.returncode})" if proc.poll() is not None else None  # noqa: E731
     error = wait_until_serving(f"127.0.0.1:{port}", 600, exited)
     if error:
-        stop_server(proc)  # SIGINT first: server.cli's ray.shutdown() runs, no Ray cluster is left behind
+        stop_server(proc)  # SIGINT first: chorus serve's ray.shutdown() runs, no Ray cluster is left behind
         raise RuntimeError(f"{error}; see {log_path}")
     return proc
 

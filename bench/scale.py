@@ -63,7 +63,7 @@ class Deployment:
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--address", cluster.address,
+            [sys.executable, "-m", "chorus.cli", "serve", "--config", str(config), "--address", cluster.address,
              "--host", "node-ip", "--port", str(free_port())],
             cwd=ROOT, env={**cluster.env, "PYTHONUNBUFFERED": "1"}, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600

@@ -30,6 +30,7 @@ from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from decoding.errors import InvalidArgument
 from server.config import NODE_IP, ChorusConfig, check_exposure, parse_chorus_config
 from server.engines.base import GenerationChunk, GenerationRequest
 from server.errors import ChorusError, Unavailable, status_code_name
@@ -49,8 +50,12 @@ log = logging.getLogger("ray.serve")
 class RemoteError:
     code: str
     message: str
+    # The field an INVALID_ARGUMENT names: the front end sends it to the client in the error's details.
+    field: str | None = None
 
-    def to_exception(self) -> ChorusError:
+    def to_exception(self) -> Exception:
+        if self.field is not None:
+            return InvalidArgument(self.field, self.message.removeprefix(f"{self.field}: "))
         error = ChorusError(self.message)
         error.code = self.code
         return error
@@ -61,7 +66,8 @@ def _remote_error(error: Exception, request_id: str) -> RemoteError:
     code = status_code_name(error)
     if code == "INTERNAL":
         log.exception("request %s failed in the engine", request_id)
-    return RemoteError(code=code, message=str(error))
+    return RemoteError(code=code, message=str(error),
+                       field=error.field if isinstance(error, InvalidArgument) else None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,9 @@ import uuid
 from typing import AsyncIterator, Protocol
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from chorus.v1 import decoding_pb2 as pb
 from chorus.v1 import decoding_pb2_grpc as pb_grpc
@@ -194,6 +197,20 @@ def _cancellation_status(context) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0.05 else "CANCELLED"
 
 
+def _field_details(error: Exception, message: str) -> tuple[tuple[str, bytes], ...]:
+    """For an INVALID_ARGUMENT, the field it names as gRPC's rich error details (a google.rpc.Status with a
+    BadRequest field violation in the trailing metadata `grpc-status-details-bin`), which gRPC clients in any
+    language read; nothing for other errors."""
+    if not isinstance(error, InvalidArgument):
+        return ()
+    violation = error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.reason)])
+    detail = any_pb2.Any()
+    detail.Pack(violation)
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
+    return tuple(rpc_status.to_status(status).trailing_metadata)
+
+
 def _usage_proto(chunk: GenerationChunk) -> pb.Usage:
     return pb.Usage(prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens,
                     forward_passes=chunk.usage.forward_passes)
@@ -237,7 +254,9 @@ class _Call:
             self.status, self._message = status_code_name(error), str(error)
             if self.status == "INTERNAL":
                 log.exception("request %s failed", self.request_id)
-            await self.context.abort(getattr(grpc.StatusCode, self.status), str(error)[:4000], self.trailing)
+            message = str(error)[:4000]
+            await self.context.abort(getattr(grpc.StatusCode, self.status), message,
+                                     self.trailing + _field_details(error, message))
 
     def finish(self, rpc: str, model: str, strategy: str, prompt_tokens: int, completion_tokens: int,
                forward_passes: dict[str, int], details: str = "") -> None:

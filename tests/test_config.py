@@ -121,7 +121,7 @@ def test_pair_config_declares_the_small_model_as_every_guide_and_serves_every_st
 @pytest.mark.parametrize("config, target", [("local.yaml", "install"), ("local-pair.yaml", "install"),
                                             ("local-vllm.yaml", "install-cpu"), ("gpu.yaml", "install-cpu")])
 def test_make_serve_installs_what_the_deploy_files_engines_need(config, target):
-    out = subprocess.run([sys.executable, "-m", "server.cli", "install-target", "--config", f"deploy/{config}"],
+    out = subprocess.run([sys.executable, "-m", "chorus.cli", "install-target", "--config", f"deploy/{config}"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == target
 

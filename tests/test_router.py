@@ -13,8 +13,9 @@ from ray.exceptions import ActorDiedError
 from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import DeploymentUnavailableError
 
+from decoding.errors import InvalidArgument
 from decoding.sampling import SamplingParams
-from server.app import HandleRouter, Placement, RemoteError
+from server.app import HandleRouter, Placement, RemoteError, _remote_error
 from server.config import load_deploy_file
 from server.engines.base import GenerationChunk, GenerationRequest
 from server.errors import ChorusError, Unavailable
@@ -113,7 +114,7 @@ def run_generate(handle, *, whole=False, deadline=None) -> tuple[list[str], Rout
             texts.append(c.text)
     try:
         asyncio.run(consume())
-    except ChorusError as error:
+    except (ChorusError, InvalidArgument) as error:
         return texts, route, error
     return texts, route, None
 
@@ -155,6 +156,13 @@ def test_an_error_the_replica_reports_keeps_its_code_and_is_not_retried():
     handle = ScriptedHandle([[FIRST, RemoteError("RESOURCE_EXHAUSTED", "queue full")]])
     texts, route, error = run_generate(handle)
     assert (error.code, str(error), len(handle.calls)) == ("RESOURCE_EXHAUSTED", "queue full", 1)
+
+
+def test_an_invalid_argument_from_the_replica_keeps_the_field_it_names():
+    remote = _remote_error(InvalidArgument("logit_fusion.experts[0]", "unknown expert 'x'"), "r")
+    texts, route, error = run_generate(ScriptedHandle([[FIRST, remote]]))
+    assert isinstance(error, InvalidArgument) and error.field == "logit_fusion.experts[0]"
+    assert str(error) == "logit_fusion.experts[0]: unknown expert 'x'"
 
 
 def test_rerank_is_sent_once_more_when_its_replica_is_lost_and_only_once():

@@ -54,7 +54,7 @@ class Server:
         self._log = open(self.log_path, "w")
         self.metrics_port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--config", config, "--port", str(self.port),
+            [sys.executable, "-m", "chorus.cli", "serve", "--config", config, "--port", str(self.port),
              "--metrics-port", str(self.metrics_port), *args],
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})

@@ -88,15 +88,15 @@ def test_cli_rerank(server, tmp_path):
     path = tmp_path / "passages.jsonl"
     path.write_text("\n".join([json.dumps(FACTS[0]), json.dumps({"text": FACTS[1]}),
                                json.dumps({"content": FACTS[2]})]) + "\n")
-    done = subprocess.run([sys.executable, "-m", "server.cli", "rerank", "--query", QUERY, "--passages", str(path),
+    done = subprocess.run([sys.executable, "-m", "chorus.cli", "rerank", "--query", QUERY, "--passages", str(path),
                            "--address", server.address, "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert sorted(json.loads(done.stdout)["ranking"]) == [0, 1, 2]
-    shown = subprocess.run([sys.executable, "-m", "server.cli", "rerank", "--query", QUERY, "--passages", str(path),
+    shown = subprocess.run([sys.executable, "-m", "chorus.cli", "rerank", "--query", QUERY, "--passages", str(path),
                             "--address", server.address, "--top-n", "2"], capture_output=True, text=True,
                            timeout=120)
     assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 2 and "windows" in shown.stderr
-    refused = subprocess.run([sys.executable, "-m", "server.cli", "rerank", "--query", QUERY, "--passages",
+    refused = subprocess.run([sys.executable, "-m", "chorus.cli", "rerank", "--query", QUERY, "--passages",
                               str(path), "--address", server.address, "--stride", "30"], capture_output=True,
                              text=True, timeout=120)
     assert refused.returncode == 1 and "INVALID_ARGUMENT: stride" in refused.stderr

@@ -224,7 +224,7 @@ def test_the_health_port_answers_health_alone_in_the_clear(server):
 
 def test_the_cli_connects_with_tls_ca_and_a_token(server, certificate):
     ca = self_signed_certificate()[0]
-    command = [sys.executable, "-m", "server.cli", "generate", "--address", server.address, "--tls-ca", str(ca),
+    command = [sys.executable, "-m", "chorus.cli", "generate", "--address", server.address, "--tls-ca", str(ca),
                "--chat", "What is the capital of France?", "--temperature", "0", "--max-tokens", "8"]
     environment = {k: v for k, v in os.environ.items() if k != "CHORUS_TOKEN"}
     with_flag = subprocess.run(command + ["--token", TOKEN], cwd=ROOT, env=environment, capture_output=True,

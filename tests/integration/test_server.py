@@ -24,6 +24,11 @@ from tests.integration.best_of_n_checks import (  # noqa: F401  (best-of-N over 
     test_bad_best_of_n_knobs_are_invalid_argument_naming_the_field,
     test_best_of_n_unary_and_streaming_give_the_winner_with_its_bracket, test_best_of_n_with_every_knob_at_its_default,
     test_best_of_n_with_generated_verdicts_and_composed_candidates)
+from tests.integration.client_checks import (  # noqa: F401  (chorus.client against this module's server)
+    test_a_call_is_retried_until_the_server_s_port_opens,
+    test_client_errors_name_the_code_the_field_and_the_request_and_only_unavailable_is_retried,
+    test_the_blocking_client_streams_and_leaving_a_stream_cancels_it,
+    test_the_client_calls_every_rpc_and_a_stream_equals_the_whole_answer)
 from tests.integration.fuzz_checks import (  # noqa: F401  (property-based requests against this module's server)
     test_fuzzed_generate_requests_never_fail_internally_or_hang, test_fuzzed_rerank_requests_never_fail_internally_or_hang)
 from tests.integration.rerank_checks import (  # noqa: F401  (reranking over this module's server)
@@ -312,17 +317,26 @@ def test_cli_generate_and_models(server):
     import sys
 
     def chorus(*args):
-        return subprocess.run([sys.executable, "-m", "server.cli", *args, "--address", server.address],
+        return subprocess.run([sys.executable, "-m", "chorus.cli", *args, "--address", server.address],
                               capture_output=True, text=True, timeout=120)
 
     answer = chorus("generate", "--chat", "What is the capital of France?", "--temperature", "0", "--stream")
     assert answer.returncode == 0 and "Paris" in answer.stdout, answer.stderr
     listed = json.loads(chorus("models", "--json").stdout)
     assert listed["models"][0]["name"] == "smollm2-135m-instruct"
-    picked = chorus("generate", "--chat", "What is 3 + 4?", "--best-of-n", "2", "--seed", "1", "--verdict", "score",
-                    "--max-tokens", "12", "--verbose")
+    picked = chorus("generate", "--chat", "What is 3 + 4?", "--strategy", "best_of_n", "--param", "n=2",
+                    "--param", "seed=1", "--param", "verdict=score", "--max-tokens", "12")
     assert picked.returncode == 0 and picked.stdout.strip(), picked.stderr
     assert "winner: candidate" in picked.stderr and "candidate 1 (answer" in picked.stderr
+    contrasted = chorus("generate", "--chat", "What is 3 + 4?", "--strategy", "contrastive", "--strategy-json",
+                        '{"mode": "MODE_USCD", "uncertainty_threshold": 0.003, "contrast_context": {"prompt": "Hi"}}',
+                        "--temperature", "0",
+                        "--max-tokens", "8", "--ignore-eos", "--stream")
+    assert contrasted.returncode == 0 and contrasted.stdout.strip(), contrasted.stderr
+    report = json.loads(contrasted.stderr.split("[contrastive] ", 1)[1])
+    assert report["mode"] == "uscd" and report["steps"] == 8, report
+    unknown = chorus("generate", "hi", "--strategy", "refusal_steering", "--param", "treshold=0.2")
+    assert unknown.returncode == 2 and "treshold: unknown field; RefusalSteering has mode, threshold" in unknown.stderr
     refused = chorus("generate", "hi", "--top-p", "2")
     assert refused.returncode == 1 and "INVALID_ARGUMENT: sampling.top_p" in refused.stderr
 
