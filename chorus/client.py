@@ -31,6 +31,8 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
+from typing_extensions import TypedDict, Unpack
+
 import grpc
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
@@ -246,6 +248,40 @@ def generate_request(prompt: str | None = None, *, messages: Sequence[Any] | Non
     return request
 
 
+class GenerateFields(TypedDict, total=False):
+    """generate_request's keyword arguments, which Client.generate and generate_stream take: the sampling fields,
+    the request's, and at most one strategy (its message, or a dict of the message's fields)."""
+    messages: Sequence[pb.ChatMessage | Mapping[str, str] | tuple[str, str]]
+    model: str
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    stop: Sequence[str]
+    ignore_eos: bool
+    request_id: str
+    contrastive: pb.ContrastiveDecoding | Mapping[str, Any]
+    logit_fusion: pb.LogitFusion | Mapping[str, Any]
+    entropy_switch: pb.EntropySwitch | Mapping[str, Any]
+    refusal_steering: pb.RefusalSteering | Mapping[str, Any]
+    best_of_n: pb.BestOfN | Mapping[str, Any]
+
+
+class RerankFields(TypedDict, total=False):
+    """rerank_request's keyword arguments, which Client.rerank takes."""
+    model: str
+    top_n: int
+    mode: str | int | None
+    window_size: int | None
+    stride: int | None
+    permutations: int | None
+    aggregation: str | int | None
+    max_passage_words: int | None
+    seed: int | None
+    request_id: str
+
+
 def _rerank_enum(field: str, value: str | int | None) -> int:
     if not isinstance(value, str):
         return value or 0
@@ -341,7 +377,7 @@ class Client:
                     wait_for_ready=self.wait_for_ready)
 
     async def generate(self, prompt: str | pb.GenerateRequest | None = None, *, timeout: float | None = _DEFAULT,
-                       **fields: Any) -> pb.GenerateResponse:
+                       **fields: Unpack[GenerateFields]) -> pb.GenerateResponse:
         """One whole response: the text, token ids, finish reason, usage, the seed used and the strategy's report.
         `prompt` may be a whole GenerateRequest (then nothing else but `timeout`); otherwise the arguments are
         generate_request's."""
@@ -352,7 +388,8 @@ class Client:
             raise RequestError.of(error) from None
 
     async def generate_stream(self, prompt: str | pb.GenerateRequest | None = None, *,
-                              timeout: float | None = _DEFAULT, **fields: Any) -> AsyncIterator[pb.GenerateResponse]:
+                              timeout: float | None = _DEFAULT, **fields: Unpack[GenerateFields]
+                              ) -> AsyncIterator[pb.GenerateResponse]:
         """The response as it is written: each message a text delta with its token ids (and, for best-of-N, progress
         messages first); the last carries finish_reason, usage, the seed and the report. Leaving the loop early
         cancels the request on the server."""
@@ -367,7 +404,7 @@ class Client:
             call.cancel()  # a no-op once the stream has ended
 
     async def rerank(self, query: str | pb.RerankRequest, passages: Sequence[str] = (), *,
-                     timeout: float | None = _DEFAULT, **fields: Any) -> pb.RerankResponse:
+                     timeout: float | None = _DEFAULT, **fields: Unpack[RerankFields]) -> pb.RerankResponse:
         """Passages ranked for the query (`ranking`: their indices, best first), with usage and windows. `query` may
         be a whole RerankRequest; otherwise the arguments are rerank_request's."""
         if isinstance(query, pb.RerankRequest):
@@ -399,7 +436,7 @@ class Client:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
     @staticmethod
-    def _request(prompt: str | pb.GenerateRequest | None, fields: dict[str, Any]) -> pb.GenerateRequest:
+    def _request(prompt: str | pb.GenerateRequest | None, fields: GenerateFields) -> pb.GenerateRequest:
         if isinstance(prompt, pb.GenerateRequest):
             if fields:
                 raise ValueError(f"a GenerateRequest goes alone; got {', '.join(fields)} too")
@@ -440,12 +477,13 @@ class SyncClient:
             future.cancel()  # Ctrl-C while waiting: the call is cancelled, not left running
             raise
 
-    def generate(self, prompt: str | pb.GenerateRequest | None = None, **fields: Any) -> pb.GenerateResponse:
-        return self._run(self._client.generate(prompt, **fields))
+    def generate(self, prompt: str | pb.GenerateRequest | None = None, *, timeout: float | None = _DEFAULT,
+                 **fields: Unpack[GenerateFields]) -> pb.GenerateResponse:
+        return self._run(self._client.generate(prompt, timeout=timeout, **fields))
 
-    def generate_stream(self, prompt: str | pb.GenerateRequest | None = None, **fields: Any
-                        ) -> Iterator[pb.GenerateResponse]:
-        stream = self._client.generate_stream(prompt, **fields)
+    def generate_stream(self, prompt: str | pb.GenerateRequest | None = None, *, timeout: float | None = _DEFAULT,
+                        **fields: Unpack[GenerateFields]) -> Iterator[pb.GenerateResponse]:
+        stream = self._client.generate_stream(prompt, timeout=timeout, **fields)
         try:
             while True:
                 try:
@@ -455,15 +493,15 @@ class SyncClient:
         finally:
             self._run(stream.aclose())
 
-    def rerank(self, query: str | pb.RerankRequest, passages: Sequence[str] = (), **fields: Any
-               ) -> pb.RerankResponse:
-        return self._run(self._client.rerank(query, passages, **fields))
+    def rerank(self, query: str | pb.RerankRequest, passages: Sequence[str] = (), *,
+               timeout: float | None = _DEFAULT, **fields: Unpack[RerankFields]) -> pb.RerankResponse:
+        return self._run(self._client.rerank(query, passages, timeout=timeout, **fields))
 
-    def list_models(self, **fields: Any) -> pb.ListModelsResponse:
-        return self._run(self._client.list_models(**fields))
+    def list_models(self, *, timeout: float | None = _DEFAULT) -> pb.ListModelsResponse:
+        return self._run(self._client.list_models(timeout=timeout))
 
-    def health(self, service: str = "", **fields: Any) -> str:
-        return self._run(self._client.health(service, **fields))
+    def health(self, service: str = "", *, timeout: float | None = _DEFAULT) -> str:
+        return self._run(self._client.health(service, timeout=timeout))
 
     def close(self) -> None:
         if self._loop.is_closed():

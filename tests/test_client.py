@@ -5,6 +5,7 @@ the real server: tests/integration/client_checks.py."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import socket
 import time
@@ -16,7 +17,8 @@ from google.protobuf import json_format
 
 from chorus import cli
 from chorus.client import (
-    Client, RequestError, SyncClient, generate_request, parse_param, rerank_request, strategy_message)
+    STRATEGIES, Client, GenerateFields, RequestError, RerankFields, SyncClient, generate_request, parse_param,
+    rerank_request, strategy_message)
 from chorus.v1 import decoding_pb2 as pb
 from chorus.v1 import decoding_pb2_grpc as pb_grpc
 from decoding.errors import InvalidArgument
@@ -225,6 +227,13 @@ def test_the_sync_client_gives_the_same_errors_and_closes_its_loop():
     finally:
         loop.run_until_complete(server.stop(None))
         loop.close()
+
+
+def test_the_typed_keywords_are_generate_request_s_and_rerank_request_s_with_every_strategy():
+    generate = set(inspect.signature(generate_request).parameters) - {"prompt", "strategy"}
+    assert set(GenerateFields.__annotations__) == generate | set(STRATEGIES)
+    assert set(RerankFields.__annotations__) == set(inspect.signature(rerank_request).parameters) - {"query",
+                                                                                                     "passages"}
 
 
 def test_client_options_are_checked():
