@@ -43,7 +43,10 @@ def strategy_params(args) -> dict:
     if args.params and args.strategy_json:
         raise ValueError("give the parameters with --param or with --strategy-json, not both")
     if args.strategy_json:
-        params = json.loads(args.strategy_json)
+        try:
+            params = json.loads(args.strategy_json)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--strategy-json: {error}") from None
         if not isinstance(params, dict):
             raise ValueError("--strategy-json: expected a JSON object of the strategy's fields")
         return params

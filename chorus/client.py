@@ -100,30 +100,39 @@ def _enum_name(enum: EnumDescriptor, value: str, path: str) -> str:
     raise ValueError(f"{path}: unknown value {value!r}; one of {', '.join(n[len(prefix):].lower() for n in names)}")
 
 
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.is_repeated and field.message_type is not None and field.message_type.GetOptions().map_entry
+
+
+def _checked_value(field: FieldDescriptor, value: Any, where: str) -> Any:
+    """One value of a field (an item, for a repeated one): a nested message checked in turn, an enum name
+    normalised; anything else as given (ParseDict checks its type)."""
+    if field.message_type is not None:
+        if isinstance(value, Message):
+            return json_format.MessageToDict(value, preserving_proto_field_name=True)
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected a {field.message_type.name} (a dict or the message)")
+        return _checked(field.message_type, value, where)
+    if field.enum_type is not None and isinstance(value, str):
+        return _enum_name(field.enum_type, value, where)
+    return value
+
+
 def _checked(descriptor: Descriptor, params: Mapping[str, Any], path: str) -> dict[str, Any]:
     """`params` with every key checked against `descriptor`'s fields (an unknown one raises naming the allowed
     ones), enum names normalised and nested messages (dicts or messages) checked in turn."""
     checked = {}
     for key, value in params.items():
         field = descriptor.fields_by_name.get(key)
-        where = f"{path}.{key}" if path else key
+        where = f"{path}.{key}"
         if field is None:
             raise ValueError(f"{where}: unknown field; {descriptor.name} has {', '.join(descriptor.fields_by_name)}")
-        repeated = field.is_repeated
-        is_map = repeated and field.message_type is not None and field.message_type.GetOptions().map_entry
-        if field.message_type is not None and not is_map:
-            def nested(item, where=where):
-                if isinstance(item, Message):
-                    return json_format.MessageToDict(item, preserving_proto_field_name=True)
-                if not isinstance(item, Mapping):
-                    raise ValueError(f"{where}: expected a {field.message_type.name} (a dict or the message)")
-                return _checked(field.message_type, item, where)
-            value = [nested(item) for item in value] if repeated else nested(value)
-        elif field.enum_type is not None:
-            def name(item, where=where):
-                return _enum_name(field.enum_type, item, where) if isinstance(item, str) else item
-            value = [name(item) for item in value] if repeated else name(value)
-        checked[key] = value
+        if _is_map(field):
+            checked[key] = value
+        elif field.is_repeated:
+            checked[key] = [_checked_value(field, item, where) for item in value]
+        else:
+            checked[key] = _checked_value(field, value, where)
     return checked
 
 
@@ -159,8 +168,7 @@ def parse_param(descriptor: Descriptor, assignment: str, into: dict[str, Any]) -
     field = descriptor.fields_by_name.get(head)
     if field is None:
         raise ValueError(f"{head}: unknown field; {descriptor.name} has {', '.join(descriptor.fields_by_name)}")
-    repeated = field.is_repeated
-    is_map = repeated and field.message_type is not None and field.message_type.GetOptions().map_entry
+    repeated, is_map = field.is_repeated, _is_map(field)
     if rest:
         if field.message_type is None or repeated:
             raise ValueError(f"{key}: {head} is not a message; write {head}=VALUE")
@@ -172,7 +180,10 @@ def parse_param(descriptor: Descriptor, assignment: str, into: dict[str, Any]) -
             if text.lstrip().startswith("{"):
                 pairs = json.loads(text)
             else:
-                pairs = dict(item.rsplit(":", 1) for item in text.split(",") if item)
+                items = [item.rsplit(":", 1) for item in text.split(",") if item]
+                if any(len(item) != 2 for item in items):
+                    raise ValueError(f"expected key:value,... or a JSON object, got {text!r}")
+                pairs = dict(items)
             into.setdefault(head, {}).update({k: _scalar(value_field, v) for k, v in pairs.items()})
         elif field.message_type is not None and repeated:
             value = json.loads(text)
@@ -184,7 +195,7 @@ def parse_param(descriptor: Descriptor, assignment: str, into: dict[str, Any]) -
             into.setdefault(head, []).extend(_scalar(field, item) for item in items)
         else:
             into[head] = _scalar(field, text)
-    except (ValueError, json.JSONDecodeError) as error:
+    except ValueError as error:  # json.JSONDecodeError included
         raise ValueError(f"{key}: {error}") from None
 
 

@@ -87,16 +87,20 @@ def test_cli_params_are_typed_by_the_strategy_message():
     assert params == {"experts": ["a", "b"], "alphas": [0.5, 0.25]}
 
 
-@pytest.mark.parametrize("assignment, message", [
-    ("alpha", "'alpha': expected key=value"),
-    ("alhpa=1", "alhpa: unknown field; ContrastiveDecoding has mode, alpha"),
-    ("alpha=high", "alpha: could not convert"),
-    ("alpha.x=1", "alpha.x: alpha is not a message"),
-    ("contrast_context={", "contrast_context: Expecting"),
+@pytest.mark.parametrize("message_type, assignment, message", [
+    (pb.ContrastiveDecoding, "alpha", "'alpha': expected key=value"),
+    (pb.ContrastiveDecoding, "alhpa=1", "alhpa: unknown field; ContrastiveDecoding has mode, alpha"),
+    (pb.ContrastiveDecoding, "alpha=high", "alpha: could not convert"),
+    (pb.ContrastiveDecoding, "alpha.x=1", "alpha.x: alpha is not a message"),
+    (pb.ContrastiveDecoding, "contrast_context={", "contrast_context: Expecting"),
+    (pb.RefusalSteering, "thresholds=apology", "thresholds: expected key:value,... or a JSON object, got 'apology'"),
+    (pb.RefusalSteering, "trace=yes", "trace: unknown field"),
+    (pb.EntropySwitch, "trace=maybe", "trace: expected true or false, got 'maybe'"),
+    (pb.EntropySwitch, "window=2.5", "window: invalid literal"),
 ])
-def test_bad_cli_params_are_refused_naming_the_key(assignment, message):
+def test_bad_cli_params_are_refused_naming_the_key(message_type, assignment, message):
     with pytest.raises(ValueError, match=message):
-        parse_param(pb.ContrastiveDecoding.DESCRIPTOR, assignment, {})
+        parse_param(message_type.DESCRIPTOR, assignment, {})
 
 
 def test_the_cli_builds_the_strategy_from_params_or_json_and_refuses_mixing_them():
@@ -108,7 +112,8 @@ def test_the_cli_builds_the_strategy_from_params_or_json_and_refuses_mixing_them
     assert cli.strategy_params(args) == {"beta": 0.3}
     for argv, message in ((["--param", "beta=1"], "need --strategy"),
                           (["--strategy", "contrastive", "--param", "beta=1", "--strategy-json", "{}"], "not both"),
-                          (["--strategy", "contrastive", "--strategy-json", "[1]"], "a JSON object")):
+                          (["--strategy", "contrastive", "--strategy-json", "[1]"], "a JSON object"),
+                          (["--strategy", "contrastive", "--strategy-json", "{beta"], "--strategy-json: Expecting")):
         with pytest.raises(ValueError, match=message):
             cli.strategy_params(parser.parse_args(["generate", "x", *argv]))
 
