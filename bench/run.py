@@ -427,14 +427,44 @@ def load_arguments(description: str, name: str, concurrency: list[int], max_toke
     parser.add_argument("--repetitions", type=int, default=3,
                         help="interleaved repetitions; ratios are their median and range (default 3)")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one key of the deploy file's Chorus args for this run (repeatable; dotted KEY, "
+                        "e.g. groups.smollm2.max_step_tokens=64; VALUE read as YAML); the changed file is written "
+                        "beside the results as <name>-config.yaml")
     add_more(parser)
     args = parser.parse_args()
     if args.repetitions < 1:
         parser.error("--repetitions must be at least 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.settings:
+        try:
+            args.config = str(config_with(args.config, args.settings, out / f"{args.name}-config.yaml"))
+        except ValueError as error:
+            parser.error(f"--set: {error}")
     levels = sorted(set(args.concurrency))
     return args, levels, out, {c: max(args.requests, 2 * c) for c in levels}
+
+
+def config_with(config: str, settings: list[str], path: Path) -> Path:
+    """`config` with each KEY=VALUE set in its Chorus args (the first application's), written to `path`. Unknown keys
+    are left for the server's config check to refuse, as it does for any deploy file."""
+    import yaml
+
+    raw = yaml.safe_load(Path(config).read_text())
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{setting!r}: expected KEY=VALUE")
+        *parents, last = key.split(".")
+        node = raw["applications"][0]["args"]
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{key}: {part} is not a mapping in {config}")
+        node[last] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
 def machine_info(load_before) -> dict:
