@@ -299,7 +299,8 @@ class Frontend:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
-        from chorus.v1 import decoding_pb2, decoding_pb2_grpc
+        from chorus.client import SERVICE
+        from chorus.v1 import decoding_pb2_grpc
         from server import security
         from server.service import DecodingService
 
@@ -321,10 +322,8 @@ class Frontend:
         decoding_pb2_grpc.add_DecodingServicer_to_server(DecodingService(config, self._router, FrontendMetrics()),
                                                          self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        service_name = decoding_pb2.DESCRIPTOR.services_by_name["Decoding"].full_name
-        reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            self._server)
-        self._services = ("", service_name)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        self._services = ("", SERVICE)
         for name in self._services:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._address = f"{host}:{frontend.port}"

@@ -27,6 +27,7 @@ from typing import Iterable
 
 import grpc
 
+from chorus.client import REQUEST_ID_METADATA
 from server.config import AuthSpec, FrontendSpec, TLSSpec, is_loopback
 from server.errors import ConfigError
 
@@ -254,7 +255,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if token is not None and self._store.accepts(token):
             return handler
         message = MISSING_TOKEN if token is None else WRONG_TOKEN
-        request_id = next((v for k, v in details.invocation_metadata or () if k == "x-request-id"), "-")
+        request_id = next((v for k, v in details.invocation_metadata or () if k == REQUEST_ID_METADATA), "-")
         log.warning("call %s refused: UNAUTHENTICATED (%s) request_id=%s", details.method,
                     "no bearer token" if token is None else "a token it does not accept", request_id)
         return _refusal(handler, message)

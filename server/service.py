@@ -21,6 +21,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from chorus.client import REQUEST_ID_METADATA, SERVICE, STRATEGIES
 from chorus.v1 import decoding_pb2 as pb
 from chorus.v1 import decoding_pb2_grpc as pb_grpc
 from decoding.errors import InvalidArgument
@@ -37,10 +38,7 @@ from server.strategies.protobuf import chat_messages
 log = logging.getLogger("ray.serve.chorus")  # a child of Serve's logger: same format, same files
 
 NOT_BUILT = "not implemented yet"
-# Every strategy the API declares (the GenerateRequest oneof), whether or not the registry serves it yet.
-API_STRATEGIES = tuple(f.name for f in pb.GenerateRequest.DESCRIPTOR.oneofs_by_name["strategy"].fields)
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decoding"].full_name
 
 
 @dataclasses.dataclass
@@ -112,9 +110,8 @@ def to_generation_request(proto: pb.GenerateRequest, request_id: str, deadline: 
     )
 
 
-# The metadata a client may send its own request id in (when the message's `request_id` is empty); every answer
-# carries the id in its trailing metadata under the same key.
-REQUEST_ID_METADATA = "x-request-id"
+# A client may send its own request id in the metadata REQUEST_ID_METADATA (when the message's `request_id` is
+# empty); every answer carries the id in its trailing metadata under the same key.
 MAX_REQUEST_ID_CHARS = 128
 
 
@@ -230,8 +227,8 @@ class _Call:
         self.status: str | None = None
         self._message = ""
         self.span = tracing.start(
-            f"{SERVICE_NAME}/{rpc}", tracing.from_metadata(context.invocation_metadata()),
-            kind=tracing.SpanKind.SERVER, attributes={"rpc.system": "grpc", "rpc.service": SERVICE_NAME,
+            f"{SERVICE}/{rpc}", tracing.from_metadata(context.invocation_metadata()),
+            kind=tracing.SpanKind.SERVER, attributes={"rpc.system": "grpc", "rpc.service": SERVICE,
                                                       "rpc.method": rpc, "chorus.request_id": self.request_id})
         self.route = Route(trace_context=tracing.carrier_of(self.span))
 
@@ -370,7 +367,7 @@ class DecodingService(pb_grpc.DecodingServicer):
                 strategies=[pb.StrategySupport(strategy="plain", available=True)] + [
                     pb.StrategySupport(strategy=s, available=support.get(s, NOT_BUILT) is None,
                                        reason=support.get(s, NOT_BUILT) or "")
-                    for s in API_STRATEGIES + ("rerank",)],
+                    for s in (*STRATEGIES, "rerank")],
                 running_requests=entry["running"], waiting_requests=entry["waiting"], replicas=entry["replicas"]))
             group = self._config.groups[entry["group"]]
             for guide in group.guides.values():

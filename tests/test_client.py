@@ -200,7 +200,10 @@ def test_a_call_to_a_server_that_starts_late_is_retried_until_it_answers():
         late = asyncio.create_task(serve_late(port, 0.5, servicer))
         started = time.monotonic()
         try:
-            async with Client(f"127.0.0.1:{port}", retries=retries, timeout=30) as client:
+            # Retries come after random waits of up to 2, 4, 8, 16 s: all four inside the first second (before the
+            # channel's first reconnection) has a chance below 1e-4.
+            async with Client(f"127.0.0.1:{port}", retries=retries, initial_backoff=2.0, max_backoff=16.0,
+                              timeout=60) as client:
                 await client.generate("x")
         except RequestError as error:
             outcome = error.code

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from chorus.client import STRATEGIES
 from chorus.v1 import decoding_pb2 as pb
 from decoding.chat import ChatMessage
 from decoding.plans import ContrastivePlan, EntropySwitchPlan, LogitFusionPlan, PlanSpec, RefusalPlan
@@ -18,7 +19,7 @@ from decoding.strategies import (BestOfNCandidate, BestOfNParams, BestOfNProgres
 from server.config import load_deploy_file, parse_chorus_config
 from server.engines.base import GenerationRequest
 from server.errors import FailedPrecondition, Unimplemented
-from server.service import API_STRATEGIES, progress_proto, report_proto, to_strategy
+from server.service import progress_proto, report_proto, to_strategy
 from server.strategies import registry
 
 CONFIG = load_deploy_file(Path(__file__).resolve().parents[1] / "deploy" / "local.yaml").chorus
@@ -39,8 +40,8 @@ REPORTS = {
 
 
 def test_every_api_strategy_is_registered_or_unimplemented():
-    assert set(registry.REGISTRY) <= set(API_STRATEGIES)
-    for field in API_STRATEGIES:
+    assert set(registry.REGISTRY) <= set(STRATEGIES)
+    for field in STRATEGIES:
         if field in registry.REGISTRY:
             assert registry.strategy(field).field == field
         else:

@@ -105,7 +105,8 @@ def test_a_call_is_retried_until_the_server_s_port_opens(server):
 
         opening = asyncio.create_task(open_late())
         started = time.monotonic()
-        async with Client(f"127.0.0.1:{port}", timeout=60) as client:
+        # retries after random waits of up to 2, 4, 8, 16 s: not all four before the port opens
+        async with Client(f"127.0.0.1:{port}", initial_backoff=2.0, max_backoff=16.0, timeout=60) as client:
             answer = await client.generate(messages=QUESTION, temperature=0, max_tokens=6, ignore_eos=True)
         waited = time.monotonic() - started
         opened = await opening
