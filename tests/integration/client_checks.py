@@ -1,15 +1,21 @@
 """chorus.client against the real server (collected by test_server.py, over its server): every RPC, streaming, a
-deadline, a bad argument naming its field, a server whose port opens late, the blocking wrapper."""
+deadline, a bad argument naming its field, a server whose port opens late, the blocking wrapper; and README's grpcurl
+requests."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
+from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
 
 from chorus.client import Client, RequestError, SyncClient
+from chorus.v1 import decoding_pb2 as pb
+from chorus.v1 import decoding_pb2_grpc as pb_grpc
 from tests.integration.conftest import wait_for_log_line
 from tests.integration.rerank_checks import FACTS, QUERY
 
@@ -131,3 +137,18 @@ def test_the_blocking_client_streams_and_leaving_a_stream_cancels_it(server):
         stream.close()
         assert client.list_models().models
     assert "status=CANCELLED" in wait_for_log_line(server, "id=client-left-stream ")
+
+
+def test_the_readme_s_grpcurl_requests_are_served(server):
+    """Every Decoding call README.md shows with grpcurl, its JSON body sent as grpcurl would, answers OK here."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    calls = re.findall(r"grpcurl -plaintext -d '(.*?)' \S+ chorus\.v1\.Decoding/(\w+)", readme)
+    methods = pb.DESCRIPTOR.services_by_name["Decoding"].methods_by_name
+    assert {method for _, method in calls} == set(methods)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.DecodingStub(channel)
+        for body, method in calls:
+            request = json_format.Parse(body, getattr(pb, methods[method].input_type.name)())
+            answer = getattr(stub, method)(request, timeout=300)
+            messages = list(answer) if methods[method].server_streaming else [answer]
+            assert messages and all(m.ByteSize() > 0 for m in messages), (method, body)

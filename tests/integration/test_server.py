@@ -25,7 +25,7 @@ from tests.integration.best_of_n_checks import (  # noqa: F401  (best-of-N over 
     test_best_of_n_unary_and_streaming_give_the_winner_with_its_bracket, test_best_of_n_with_every_knob_at_its_default,
     test_best_of_n_with_generated_verdicts_and_composed_candidates)
 from tests.integration.client_checks import (  # noqa: F401  (chorus.client against this module's server)
-    test_a_call_is_retried_until_the_server_s_port_opens,
+    test_a_call_is_retried_until_the_server_s_port_opens, test_the_readme_s_grpcurl_requests_are_served,
     test_client_errors_name_the_code_the_field_and_the_request_and_only_unavailable_is_retried,
     test_the_blocking_client_streams_and_leaving_a_stream_cancels_it,
     test_the_client_calls_every_rpc_and_a_stream_equals_the_whole_answer)
