@@ -382,9 +382,8 @@ class Client:
                              else grpc.aio.insecure_channel(self.address, options=self._options))
         return self._channel
 
-    def _call_options(self, timeout: float | None, request_id: str = "") -> dict[str, Any]:
-        metadata = self._metadata + (((REQUEST_ID_METADATA, request_id),) if request_id else ())
-        return dict(timeout=self.timeout if timeout is _DEFAULT else timeout, metadata=metadata or None,
+    def _call_options(self, timeout: float | None) -> dict[str, Any]:
+        return dict(timeout=self.timeout if timeout is _DEFAULT else timeout, metadata=self._metadata or None,
                     wait_for_ready=self.wait_for_ready)
 
     async def generate(self, prompt: str | pb.GenerateRequest | None = None, *, timeout: float | None = _DEFAULT,
@@ -394,7 +393,7 @@ class Client:
         generate_request's."""
         request = self._request(prompt, fields)
         try:
-            return await self._stub().Generate(request, **self._call_options(timeout, request.request_id))
+            return await self._stub().Generate(request, **self._call_options(timeout))
         except grpc.RpcError as error:
             raise RequestError.of(error) from None
 
@@ -405,7 +404,7 @@ class Client:
         messages first); the last carries finish_reason, usage, the seed and the report. Leaving the loop early
         cancels the request on the server."""
         request = self._request(prompt, fields)
-        call = self._stub().GenerateStream(request, **self._call_options(timeout, request.request_id))
+        call = self._stub().GenerateStream(request, **self._call_options(timeout))
         try:
             async for message in call:
                 yield message
@@ -425,7 +424,7 @@ class Client:
         else:
             request = rerank_request(query, passages, **fields)
         try:
-            return await self._stub().Rerank(request, **self._call_options(timeout, request.request_id))
+            return await self._stub().Rerank(request, **self._call_options(timeout))
         except grpc.RpcError as error:
             raise RequestError.of(error) from None
 
