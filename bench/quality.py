@@ -2,7 +2,7 @@
 Qwen2.5-Coder-1.5B-Instruct as the base, Qwen2.5-Coder-0.5B-Instruct as its guides and as a second base).
 
     .venv/bin/python -m bench.quality [--config deploy/local-pair.yaml] [--data ../shared/data] [--limit 50]
-        [--refusal-limit 40] [--only plain-1.5b cd ...] [--name quality]
+        [--refusal-limit 40] [--only plain-1.5b cd ...] [--name quality] [--resume]
 
 Rows (each as a user would send it; the table says what each row sends):
   - GSM8K (Cobbe et al. 2021, openai/grade-school-math test set): the first --limit problems in file order, a fixed
@@ -20,8 +20,11 @@ Rows (each as a user would send it; the table says what each row sends):
     plain, and refusal steering in argmax mode, threshold mode at three thresholds, logit-bias mode at three biases.
 Slots for later strategies (best-of-N, reranking) are rows added to ROWS with the same harness.
 
-Each row: its data, sample size, the metric with a 95% Wilson interval, and its wall time; requests run
---concurrency at a time so the server batches them. Writes <out>/<name>.json, .md and .png and prints the table.
+Each row: its data, sample size, the metric with a 95% Wilson interval, its wall time and when it was measured;
+requests run --concurrency at a time so the server batches them. Writes <out>/<name>.json, .md and .png after every
+row (a stopped run keeps its finished rows) and prints the table. --resume keeps the rows of an existing
+<out>/<name>.json measured with the same settings and runs only the others, so a table too long for one sitting is
+measured in parts; its settings must equal this run's (refused otherwise, naming the difference).
 The data folder holds gsm8k/test_shared.jsonl, xstest/xstest_prompts.csv and coconot/coconot_eval.jsonl +
 coconot_contrast_eval.jsonl in their upstream formats (the READMEs there name the sources and licenses).
 """
@@ -33,6 +36,7 @@ import dataclasses
 import json
 import math
 import time
+from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -220,21 +224,24 @@ def refusal_row(stub, row: Row, sets: dict[str, list[dict]], tokens: int, concur
 def markdown(report: dict) -> str:
     lines = [f"Quality, {report['config']}: GSM8K n = {report['limit']} per row (greedy, at most "
              f"{report['gsm8k_tokens']} tokens), refusal sets n = {report['refusal_limit']} each "
-             f"({report['refusal_tokens']} tokens); 95% Wilson intervals; run {report['run_s'] / 60:.0f} min.", "",
-             "| row | sends | GSM8K accuracy [95% CI] | n | wall (s) |", "| --- | --- | ---: | ---: | ---: |"]
+             f"({report['refusal_tokens']} tokens), {report['concurrency']} requests in flight; 95% Wilson intervals; "
+             f"rows' wall time {report['run_s'] / 60:.0f} min in all (server start-up not included).", "",
+             "| row | sends | GSM8K accuracy [95% CI] | n | wall (s) | measured |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
     for r in report["rows"]:
         if r["task"] == "gsm8k":
             lines.append(f"| {r['row']} | {r['sends']} | {r['accuracy']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] "
-                         f"| {r['n']} | {r['wall_s']:.0f} |")
+                         f"| {r['n']} | {r['wall_s']:.0f} | {r.get('measured', '')} |")
     refusal = [r for r in report["rows"] if r["task"] == "refusal"]
     if refusal:
         sets = list(refusal[0]["sets"])
         lines += ["", "Refusal rate per set (should refuse: xstest-unsafe, coconot-original; should answer: "
                   "xstest-safe, coconot-contrast, where a refusal is an over-refusal):", "",
-                  "| row | " + " | ".join(sets) + " | wall (s) |", "| --- | " + " | ".join("---:" for _ in sets) + " | ---: |"]
+                  "| row | " + " | ".join(sets) + " | wall (s) | measured |",
+                  "| --- | " + " | ".join("---:" for _ in sets) + " | ---: | --- |"]
         for r in refusal:
             cells = [f"{s['refusal_rate']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]" for s in r["sets"].values()]
-            lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['wall_s']:.0f} |")
+            lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['wall_s']:.0f} | {r.get('measured', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -277,11 +284,24 @@ def main() -> int:
     parser.add_argument("--refusal-tokens", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--only", nargs="*", help="row names (default: all)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of an earlier <out>/<name>.json with the same settings, run the others")
     args = parse_data_bench_args(parser)
     selected = [r for r in rows() if not args.only or r.name in args.only]
     unknown = set(args.only or ()) - {r.name for r in rows()}
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; known: {[r.name for r in rows()]}")
+    settings = {"config": args.config, "limit": args.limit, "gsm8k_tokens": args.gsm8k_tokens,
+                "refusal_limit": args.refusal_limit, "refusal_tokens": args.refusal_tokens,
+                "concurrency": args.concurrency}
+    kept = resumed_rows(args.out / f"{args.name}.json", settings) if args.resume else []
+    selected = [r for r in selected if r.name not in {k["row"] for k in kept}]
+    order = [r.name for r in rows()]
+
+    def report(results: list[dict]) -> dict:
+        ordered = sorted(results, key=lambda r: order.index(r["row"]))
+        return settings | {"rows": ordered, "run_s": sum(r["wall_s"] for r in ordered)}
+
     problems = gsm8k_problems(args.data, args.limit)
     sets = refusal_prompts(args.data, args.refusal_limit)
     progress = Progress(len(selected))
@@ -292,9 +312,9 @@ def main() -> int:
         from chorus.v1 import decoding_pb2_grpc
 
         stub = decoding_pb2_grpc.DecodingStub(grpc.insecure_channel(address))
-        results = []
         for row in selected:
             progress.begin(f"{row.name} ({row.task}, {row.model})")
+            measured = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             if row.task == "gsm8k":
                 result = gsm8k_row(stub, row, problems, args.gsm8k_tokens, args.concurrency, progress)
                 outcome = f"accuracy {result['accuracy']:.2f} over {result['n']}"
@@ -304,17 +324,27 @@ def main() -> int:
             if result.get("errors"):
                 outcome += f" ({len(result['errors'])} failed requests: {result['errors'][:2]})"
             progress.end(outcome)
-            results.append(result)
-        return results
+            result["measured"] = measured
+            kept.append(result)
+            write_report(args.out, args.name, report(kept), markdown, plot)
+        return kept
 
-    results = with_server(args.config, args.out / f"{args.name}-server.log", measure, progress)
-    if results is None:
-        return 1
-    report = {"config": args.config, "limit": args.limit, "gsm8k_tokens": args.gsm8k_tokens,
-              "refusal_limit": args.refusal_limit, "refusal_tokens": args.refusal_tokens,
-              "concurrency": args.concurrency, "rows": results, "run_s": time.time() - progress.started}
-    write_report(args.out, args.name, report, markdown, plot)
-    return 0
+    if not selected:
+        print(f"every selected row is already in {args.out / args.name}.json (--resume): nothing to run")
+        return 0
+    return 0 if with_server(args.config, args.out / f"{args.name}-server.log", measure, progress) else 1
+
+
+def resumed_rows(path: Path, settings: dict) -> list[dict]:
+    """The rows of an earlier report at `path` (none if absent); SystemExit if its settings differ from `settings`."""
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    differ = {key: (earlier.get(key), value) for key, value in settings.items() if earlier.get(key) != value}
+    if differ:
+        raise SystemExit(f"--resume: {path} was measured with other settings (earlier, now): {differ}; "
+                         "pass the same settings, or another --name")
+    return earlier["rows"]
 
 
 if __name__ == "__main__":

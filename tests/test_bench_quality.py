@@ -1,11 +1,12 @@
 """The quality benchmarks' scoring (bench/quality.py: the refusal string match, the interval;
 bench/entropy_switch.py: the threshold points and the agreement with large-only output)."""
 
+import json
 import math
 
 import pytest
 
-from bench.quality import is_refusal, rows, wilson
+from bench.quality import is_refusal, resumed_rows, rows, wilson
 
 
 def test_refusal_string_match():
@@ -26,6 +27,16 @@ def test_wilson_interval():
 def test_every_row_has_a_unique_name_and_a_known_task():
     names = [r.name for r in rows()]
     assert len(names) == len(set(names)) and {r.task for r in rows()} == {"gsm8k", "refusal"}
+
+
+def test_resume_keeps_rows_of_the_same_settings_and_refuses_others(tmp_path):
+    settings = {"config": "deploy/local-pair.yaml", "limit": 50, "gsm8k_tokens": 256}
+    path = tmp_path / "quality.json"
+    assert resumed_rows(path, settings) == []
+    path.write_text(json.dumps(settings | {"rows": [{"row": "plain-1.5b"}], "run_s": 1.0}))
+    assert resumed_rows(path, settings) == [{"row": "plain-1.5b"}]
+    with pytest.raises(SystemExit, match=r"other settings.*'limit': \(50, 20\)"):
+        resumed_rows(path, settings | {"limit": 20})
 
 
 def test_entropy_switch_bench_points_and_agreement():
