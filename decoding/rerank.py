@@ -114,30 +114,39 @@ def rank_first_token(entries: Iterable[tuple[str, float]], size: int) -> list[in
     return receive_permutation((letters.index(letter) for letter in ranked), size)
 
 
-def identifier_reads(spellings: Sequence[tuple[int, ...]]) -> list[tuple[int | None, tuple[int, ...]]]:
-    """The score calls that give each identifier's log-probability as the start of the reply, from its spelling
-    (the tokens of "[A", "[B", … right after the assistant turn, one or two each): (None, first tokens) read after the
-    prompt when the identifiers start with different tokens, and (t, second tokens) read after the prompt + t for
-    each first token t that identifiers continue. A tokenizer that spells "[" + letter (SmolLM2) needs one read
-    after the prompt + "["; one that merges "[A" (Qwen2.5, except "[O" and "[Q") needs one after the prompt and one
-    after the prompt + "[", run together."""
-    firsts = list(dict.fromkeys(spelling[0] for spelling in spellings))
-    reads: list[tuple[int | None, tuple[int, ...]]] = []
-    if len(firsts) > 1:
-        reads.append((None, tuple(firsts)))
+Read = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]
+"""One engine read (`Engine.score_along`): (continuation, the token ids read after the prompt + continuation[:j]
+for each j = 0 … len(continuation))."""
+
+
+def identifier_reads(spellings: Sequence[tuple[int, ...]]) -> list[Read]:
+    """The reads that give each identifier's log-probability as the start of the reply, from its spelling (the
+    tokens of "[A", "[B", … right after the assistant turn, one or two each). Per first token t that identifiers
+    continue, one read of prompt + t: its second tokens after t, and (in the first such read, when the identifiers
+    start with different tokens) the first tokens after the prompt; without two-token spellings, one read of the
+    prompt. A tokenizer that spells "[" + letter (SmolLM2) needs one read, the letters after prompt + "["; one that
+    merges "[A" (Qwen2.5, except "[O" and "[Q") needs one too: "[A", "[B", …, "[" after the prompt and "O", "Q" after
+    prompt + "[", from the same forward."""
+    firsts = tuple(dict.fromkeys(spelling[0] for spelling in spellings))
+    shown = firsts if len(firsts) > 1 else ()
+    reads: list[Read] = []
     for first in firsts:
         seconds = tuple(dict.fromkeys(s[1] for s in spellings if s[0] == first and len(s) == 2))
         if seconds:
-            reads.append((first, seconds))
-    return reads
+            reads.append(((first,), (() if reads else shown, seconds)))
+    return reads or [((), (shown,))]
 
 
-def identifier_logprobs(spellings: Sequence[tuple[int, ...]], reads: Sequence[tuple[int | None, tuple[int, ...]]],
-                        results: Sequence[Sequence[float]]) -> list[float]:
-    """log p(spelling) = log p(t1 | prompt) + log p(t2 | prompt, t1) from the reads' log-probabilities; a first
-    token every identifier shares adds the same term to all and is left out (it does not change the order)."""
-    table = {(prefix, token): logprob for (prefix, ids), row in zip(reads, results)
-             for token, logprob in zip(ids, row)}
+def identifier_logprobs(spellings: Sequence[tuple[int, ...]], reads: Sequence[Read],
+                        results: Sequence[Sequence[Sequence[float]]]) -> list[float]:
+    """log p(spelling) = log p(t1 | prompt) + log p(t2 | prompt, t1) from the reads' log-probabilities (results[i][j]
+    for reads[i]'s ids at position j); a first token every identifier shares adds the same term to all and is left
+    out (it does not change the order)."""
+    table = {}
+    for (continuation, positions), rows in zip(reads, results):
+        for j, (ids, row) in enumerate(zip(positions, rows)):
+            prefix = continuation[j - 1] if j else None
+            table.update({(prefix, token): logprob for token, logprob in zip(ids, row)})
     return [table.get((None, s[0]), 0.0) + (table[(s[0], s[1])] if len(s) == 2 else 0.0) for s in spellings]
 
 

@@ -91,6 +91,32 @@ def test_score_equals_the_log_softmax_of_a_full_forward(engine, hf_model):
         assert got == pytest.approx(want.tolist(), abs=1e-4)
 
 
+def test_score_along_reads_every_position_of_prompt_and_continuation(engine, hf_model):
+    """Each position's ids equal the full forward of prompt + continuation there; a position may read nothing; the
+    calls are batched with plain scores (rows of different lengths and kept positions in one forward)."""
+    letters = [engine.tokenizer.convert_tokens_to_ids(c) for c in "ABC"]
+    continuation = letters[:2]
+    reads = [letters, [], [45000, *letters]]
+    requests = [chat(q, max_tokens=1) for q in QUESTIONS[:3]]
+
+    async def concurrently():
+        return await asyncio.gather(*(engine.score_along(r, continuation, reads) for r in requests),
+                                    engine.score(requests[0], letters))
+
+    *along, plain = asyncio.run(concurrently())
+    for request, got in zip(requests, along):
+        prompt = chat_ids(engine.tokenizer, request.messages[0].content)
+        log_probs = full_forward_log_probs(hf_model, prompt + continuation)[len(prompt) - 1:]
+        assert len(got) == len(continuation) + 1
+        for j, ids in enumerate(reads):
+            assert got[j] == pytest.approx(log_probs[j, ids].tolist(), abs=1e-4), j
+    assert plain == pytest.approx(along[0][0], abs=1e-5)
+    with pytest.raises(InvalidArgument, match="candidate_ids: one list of ids per position: 2 for a continuation of 1"):
+        asyncio.run(engine.score_along(requests[0], continuation[:1], [letters]))
+    with pytest.raises(InvalidArgument, match="candidate_ids: give at least one token id"):
+        asyncio.run(engine.score_along(requests[0], continuation[:1], [[], []]))
+
+
 def test_loglik_sums_to_the_sequence_log_likelihood(engine, hf_model):
     request = chat(QUESTIONS[0], max_tokens=1)
     prompt = chat_ids(engine.tokenizer, QUESTIONS[0])

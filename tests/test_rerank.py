@@ -114,16 +114,28 @@ def test_kemeny_is_a_local_optimum_and_matches_brute_force_on_small_cases():
 def test_identifier_reads_one_after_the_shared_bracket():
     spellings = [(75, 49), (75, 50), (75, 51)]  # "[" + letter (SmolLM2)
     reads = rr.identifier_reads(spellings)
-    assert reads == [(75, (49, 50, 51))]
-    assert rr.identifier_logprobs(spellings, reads, [[-2.0, -1.0, -3.0]]) == [-2.0, -1.0, -3.0]
+    assert reads == [((75,), ((), (49, 50, 51)))]  # one read: the letters after prompt + "["
+    assert rr.identifier_logprobs(spellings, reads, [[[], [-2.0, -1.0, -3.0]]]) == [-2.0, -1.0, -3.0]
 
 
 def test_identifier_reads_merged_and_split_spellings():
     spellings = [(22519,), (32622,), (58, 46)]  # "[A", "[B" merged, "[" + "O" (Qwen2.5)
     reads = rr.identifier_reads(spellings)
-    assert reads == [(None, (22519, 32622, 58)), (58, (46,))]
-    logprobs = rr.identifier_logprobs(spellings, reads, [[-1.0, -2.0, -0.5], [-0.25]])
+    assert reads == [((58,), ((22519, 32622, 58), (46,)))]  # one forward of prompt + "[", read at both positions
+    logprobs = rr.identifier_logprobs(spellings, reads, [[[-1.0, -2.0, -0.5], [-0.25]]])
     assert logprobs == [-1.0, -2.0, -0.75]
+
+
+def test_identifier_reads_single_tokens_and_two_continued_firsts():
+    spellings = [(10,), (11,), (12,)]  # every identifier one token
+    reads = rr.identifier_reads(spellings)
+    assert reads == [((), ((10, 11, 12),))]
+    assert rr.identifier_logprobs(spellings, reads, [[[-1.0, -2.0, -3.0]]]) == [-1.0, -2.0, -3.0]
+    spellings = [(5, 1), (6, 2), (7,)]  # two first tokens continued: two reads, the first tokens read once
+    reads = rr.identifier_reads(spellings)
+    assert reads == [((5,), ((5, 6, 7), (1,))), ((6,), ((), (2,)))]
+    logprobs = rr.identifier_logprobs(spellings, reads, [[[-1.0, -2.0, -3.0], [-0.5]], [[], [-0.25]]])
+    assert logprobs == [-1.5, -2.25, -3.0]
 
 
 def test_passages_are_cut_to_words_and_lose_their_brackets():

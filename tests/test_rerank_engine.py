@@ -69,7 +69,7 @@ def test_the_identifiers_of_both_embedded_tokenizers(tokenizer):
     assert smol.spellings == tuple((bracket, tokenizer.convert_tokens_to_ids(c)) for c in rr.IDENTIFIERS)
     qwen_tokenizer = load_tokenizer(resolve_model_path("embedded:qwen2.5-coder-0.5b-instruct"))
     qwen = identifier_tokens(qwen_tokenizer, "qwen")
-    assert len(qwen.spellings) == 26 and qwen.prefix_texts == {qwen_tokenizer.convert_tokens_to_ids("["): "["}
+    assert len(qwen.spellings) == 26
     split = [rr.IDENTIFIERS[i] for i, s in enumerate(qwen.spellings) if len(s) == 2]
     assert split == ["O", "Q"]  # "[A" … merged into one token, "[" + "O" and "[" + "Q" not
     assert [qwen_tokenizer.decode(list(s)) for s in qwen.spellings] == [f"[{c}" for c in rr.IDENTIFIERS]
@@ -83,6 +83,38 @@ def test_first_token_ranking_equals_the_raw_logits_of_a_plain_forward(reranker, 
     assert len(outcome.windows) == 1 and outcome.usage.forward_passes == {"smollm2": 1}
     window = outcome.windows[0]
     assert (window.start, window.end, window.passage_words, window.forward_passes) == (0, 8, 300, 1)
+
+
+def test_merged_identifiers_are_read_from_one_forward_on_qwen():
+    """Qwen2.5 merges "[A" … but spells "[" + "O": one forward of prompt + "[" gives both the merged identifiers'
+    log-probs (after the prompt) and "O"'s (after "["); the order equals the one a plain forward computes."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path("embedded:qwen2.5-coder-0.5b-instruct")
+    group = GroupSpec("q", "qwen", max_batch_size=2, rerank=RerankSpec(max_passages=20, max_permutations=1),
+                      guides={"ranker": GuideSpec("ranker", "qwen", ("reranker",), system_prompt=SYSTEM)})
+    engine = TransformersEngine(ModelSpec("qwen", path, max_model_len=1024), group)
+    try:
+        passages = [f"{FACTS[i % len(FACTS)]} ({i})" for i in range(16)]  # the 15th is [O]
+        outcome = rerank(Reranker(engine, group), passages)
+        tokenizer = engine.tokenizer
+    finally:
+        engine.shutdown()
+    user = rr.user_prompt(QUERY, [rr.clean_passage(p, 300) for p in passages])
+    text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
+                                         add_generation_prompt=True, tokenize=False)
+    prompt, bracket = tokenizer.encode(text), tokenizer.convert_tokens_to_ids("[")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        log_probs = torch.log_softmax(model(torch.tensor([prompt + [bracket]])).logits[0, -2:].float(), -1)
+    scores = []
+    for letter in rr.IDENTIFIERS[:16]:
+        spelled = tokenizer.encode(f"{text}[{letter}")[len(prompt):]
+        scores.append(float(log_probs[0, spelled[0]]) + (float(log_probs[1, spelled[1]]) if len(spelled) == 2 else 0))
+    assert [len(tokenizer.encode(f"{text}[{c}")) - len(prompt) for c in "NO"] == [1, 2]
+    assert outcome.ranking == sorted(range(16), key=lambda i: (-scores[i], i))
+    assert min(abs(a - b) for a in scores for b in scores if a != b) > 1e-4
+    assert outcome.usage.forward_passes == {"qwen": 1} and outcome.windows[0].forward_passes == 1
 
 
 def test_the_sliding_window_equals_a_naive_recompute(reranker, hf_model, tokenizer):

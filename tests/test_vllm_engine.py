@@ -156,6 +156,13 @@ def test_score_is_exact_for_chosen_ids(engine, hf_model):
     with torch.inference_mode():
         want = torch.log_softmax(hf_model(torch.tensor([prompt_ids])).logits[0, -1].float(), -1)
     assert got == pytest.approx([float(want[t]) for t in chosen], abs=2e-3)
+    # Every position of prompt + continuation, one request each (the later find the prompt in the prefix cache).
+    continuation = letters[:2]
+    along = run(engine.score_along(request, continuation, [chosen, [], letters[:3]]))
+    with torch.inference_mode():
+        log_probs = torch.log_softmax(hf_model(torch.tensor([prompt_ids + continuation])).logits[0].float(), -1)
+    assert along[0] == pytest.approx(got, abs=1e-5) and along[1] == []
+    assert along[2] == pytest.approx(log_probs[-1, letters[:3]].tolist(), abs=2e-3)
 
 
 def test_loglik_is_the_teacher_forced_log_probs_of_the_continuation(engine, hf_model):

@@ -97,8 +97,10 @@ class Engine(abc.ABC):
     # request-level strategies need to build prompts that fit.
     tokenizer: object
     max_model_len: int
-    # Most candidate ids one `score` call may read; None: no limit.
+    # Most candidate ids one `score` call (one position of `score_along`) may read; None: no limit.
     score_id_limit: int | None = None
+    # Whether `score_along` reads all its positions from one forward (else one forward per position that reads ids).
+    score_along_in_one_forward: bool = True
 
     @abc.abstractmethod
     def info(self) -> EngineInfo: ...
@@ -123,10 +125,19 @@ class Engine(abc.ABC):
         ids, finish_reason, usage of that sample, seed). With `request.sampling.seed` set, the n samples are the same
         whatever else shares the batch."""
 
-    @abc.abstractmethod
     async def score(self, request: GenerationRequest, candidate_ids: Sequence[int]) -> list[float]:
         """Exact log-probabilities (log-softmax of the full next-token distribution) of `candidate_ids` after the
-        request's prompt: one forward of the prompt (listwise reranking identifiers, judge verdict tokens)."""
+        request's prompt: one forward of the prompt (judge verdict tokens)."""
+        return (await self.score_along(request, (), [candidate_ids]))[0]
+
+    @abc.abstractmethod
+    async def score_along(self, request: GenerationRequest, continuation: Sequence[int],
+                          candidate_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        """`score` at every position of prompt + continuation: the exact log-probabilities of candidate_ids[j] after
+        the prompt + continuation[:j], for j = 0 … len(continuation) (a position may read no ids). Listwise
+        reranking reads Qwen's merged "[A" after the prompt and "O" after prompt + "[" with it. The transformers
+        engine reads every position from one forward of prompt + continuation; vLLM reads them one after the other,
+        each a request whose prompt blocks its prefix cache shares."""
 
     @abc.abstractmethod
     async def loglik(self, request: GenerationRequest, continuation: Sequence[int]) -> list[float]:

@@ -65,3 +65,22 @@ def check_token_ids(field: str, ids: Sequence[int], vocab_size: int) -> list[int
     if bad:
         raise InvalidArgument(field, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
     return ids
+
+
+def check_reads(continuation: Sequence[int], candidate_ids: Sequence[Sequence[int]], vocab_size: int,
+                limit: int | None = None) -> tuple[list[int], list[list[int]]]:
+    """`Engine.score_along`'s arguments checked: one list of candidate ids per position of prompt + continuation
+    (len(continuation) + 1), ids inside the vocabulary, at least one in all, at most `limit` at one position (vLLM's
+    max_logprobs)."""
+    continuation = check_token_ids("continuation", continuation, vocab_size) if len(continuation) else []
+    if len(candidate_ids) != len(continuation) + 1:
+        raise InvalidArgument("candidate_ids", f"one list of ids per position: {len(continuation) + 1} for a "
+                                               f"continuation of {len(continuation)} tokens, got {len(candidate_ids)}")
+    reads = [check_token_ids("candidate_ids", ids, vocab_size) if len(ids) else [] for ids in candidate_ids]
+    if not any(reads):
+        raise InvalidArgument("candidate_ids", "give at least one token id")
+    widest = max(len(ids) for ids in reads)
+    if limit is not None and widest > limit:
+        raise InvalidArgument("candidate_ids", f"{widest} ids at one position; this vLLM engine reads at most {limit} "
+                                               "(its engine argument max_logprobs)")
+    return continuation, reads

@@ -40,7 +40,7 @@ from server.engines.base import (Engine, EngineInfo, EngineLoad, GenerationChunk
                                  Usage)
 from server.lockstep.guides import ModelLoader
 from server.strategies.registry import PlanResolver, availability
-from server.engines.prompts import check_token_ids, load_tokenizer, prompt_token_ids
+from server.engines.prompts import check_reads, check_token_ids, load_tokenizer, prompt_token_ids
 from server.lockstep.host import LockstepHost
 from server.lockstep.runner import ModelRunner
 from server.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable
@@ -120,23 +120,18 @@ class _Sequence:
 
 @dataclasses.dataclass(eq=False)
 class _Job:
-    """One forward over a prompt, no sampling: log-probs of `tokens` after it (score) or along it (loglik)."""
+    """One forward over a token sequence, no sampling: the log-probs of reads[j] at the j-th of its last len(reads)
+    positions (score_along: every position of prompt + continuation; loglik: each continuation token at its own)."""
     request: GenerationRequest
-    prompt_ids: list[int]
-    tokens: list[int]
-    kind: str  # "score" | "loglik"
+    sequence: list[int]
+    reads: list[list[int]]
     deliver: Callable[[object], None]
     done: bool = False
 
     @property
-    def sequence(self) -> list[int]:
-        """What the forward reads: the prompt, and for loglik the continuation but its last token."""
-        return self.prompt_ids if self.kind == "score" else self.prompt_ids + self.tokens[:-1]
-
-    @property
     def keep(self) -> int:
         """How many last positions' next-token distributions the job reads."""
-        return 1 if self.kind == "score" else len(self.tokens)
+        return len(self.reads)
 
     @property
     def sampling(self) -> SamplingParams:
@@ -276,20 +271,22 @@ class TransformersEngine(Engine):
         finally:
             self._cancel(family[0])  # no-op once all finished
 
-    async def score(self, request: GenerationRequest, candidate_ids: Sequence[int]) -> list[float]:
-        candidates = check_token_ids("candidate_ids", candidate_ids, len(self.tokenizer))
-        prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len, reserve=1)
-        return await self._run_job(request, prompt_ids, candidates, "score")
+    async def score_along(self, request: GenerationRequest, continuation: Sequence[int],
+                          candidate_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        continuation, reads = check_reads(continuation, candidate_ids, len(self.tokenizer))
+        prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len, reserve=len(continuation) + 1)
+        return await self._run_job(request, prompt_ids + continuation, reads)
 
     async def loglik(self, request: GenerationRequest, continuation: Sequence[int]) -> list[float]:
         continuation = check_token_ids("continuation", continuation, len(self.tokenizer))
         prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len, reserve=len(continuation))
-        return await self._run_job(request, prompt_ids, continuation, "loglik")
+        rows = await self._run_job(request, prompt_ids + continuation[:-1], [[token] for token in continuation])
+        return [row[0] for row in rows]
 
-    async def _run_job(self, request: GenerationRequest, prompt_ids: list[int], tokens: list[int], kind: str
-                       ) -> list[float]:
+    async def _run_job(self, request: GenerationRequest, sequence: list[int], reads: list[list[int]]
+                       ) -> list[list[float]]:
         events: asyncio.Queue = asyncio.Queue()
-        job = _Job(request=request, prompt_ids=prompt_ids, tokens=tokens, kind=kind,
+        job = _Job(request=request, sequence=sequence, reads=reads,
                    deliver=_deliverer(asyncio.get_running_loop(), events))
         self._submit(job)
         try:
@@ -396,11 +393,8 @@ class TransformersEngine(Engine):
             log_probs = self._host.runners[self._spec.name].tail_log_probs([job.sequence for job in batch], width)
             for job, row in zip(batch, log_probs):
                 self._retire(job)
-                if job.kind == "score":
-                    job.deliver(row[-1, job.tokens].tolist())
-                else:
-                    tail = row[-job.keep:]
-                    job.deliver(tail.gather(1, torch.tensor(job.tokens, device=tail.device)[:, None])[:, 0].tolist())
+                tail = row[-job.keep:]
+                job.deliver([tail[j, ids].tolist() for j, ids in enumerate(job.reads)])
 
     def _step(self) -> None:
         """One step within the token budget: a token for every decoding sequence (one row each), and the rest of

@@ -27,13 +27,12 @@ import time
 import uuid
 from typing import AsyncIterator, Sequence
 
-from decoding.errors import InvalidArgument
 from decoding.plans import PlanSpec
 from server.config import ChorusConfig, GroupSpec, ModelSpec
 from server.engines.base import (Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, PhaseTimes,
                                  Usage)
 from server.strategies.registry import PlanResolver, availability
-from server.engines.prompts import check_token_ids, load_tokenizer, prompt_token_ids
+from server.engines.prompts import check_reads, check_token_ids, load_tokenizer, prompt_token_ids
 from server.errors import ConfigError, DeadlineExceeded, FailedPrecondition, ResourceExhausted
 from server.models import resolve_model_path
 
@@ -68,6 +67,8 @@ def guide_slots(group: GroupSpec, max_num_seqs: int) -> dict[str, int]:
 
 class VLLMEngine(Engine):
     """`config` supplies the guide models' specs; without it the group may have no guides."""
+
+    score_along_in_one_forward = False
 
     def __init__(self, model: ModelSpec, group: GroupSpec, config: ChorusConfig | None = None):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -218,20 +219,26 @@ class VLLMEngine(Engine):
                                             forward_passes={self._spec.name: len(c.token_ids)}), seed=seed)
                 for c in sorted(final.outputs, key=lambda c: c.index)]
 
-    async def score(self, request: GenerationRequest, candidate_ids: Sequence[int]) -> list[float]:
+    async def score_along(self, request: GenerationRequest, continuation: Sequence[int],
+                          candidate_ids: Sequence[Sequence[int]]) -> list[list[float]]:
         """vLLM's `logprob_token_ids` (raw log-softmax, not a top-k list: an id outside the top-k still gets its
-        value), at most `max_logprobs` ids."""
+        value), at most `max_logprobs` ids a position. Each position that reads ids is one request on prompt +
+        continuation[:j], run one after the other so that the later ones find the prompt's blocks in vLLM's prefix
+        cache (requests scheduled in the same step would each compute them)."""
         from vllm import SamplingParams as VLLMSamplingParams
 
-        candidates = check_token_ids("candidate_ids", candidate_ids, len(self.tokenizer))
-        if len(candidates) > self.score_id_limit:
-            raise InvalidArgument("candidate_ids", f"{len(candidates)} ids; this vLLM engine reads at most "
-                                                   f"{self.score_id_limit} (its engine argument max_logprobs)")
-        prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len, reserve=1)
-        final = await self._final_output(request, prompt_ids, VLLMSamplingParams(
-            max_tokens=1, temperature=0, logprob_token_ids=candidates))
-        step = final.outputs[0].logprobs[0]
-        return [step[token].logprob for token in candidates]
+        continuation, reads = check_reads(continuation, candidate_ids, len(self.tokenizer), self.score_id_limit)
+        prompt_ids = prompt_token_ids(self.tokenizer, request, self.max_model_len, reserve=len(continuation) + 1)
+        results = []
+        for j, ids in enumerate(reads):
+            if not ids:
+                results.append([])
+                continue
+            final = await self._final_output(request, prompt_ids + continuation[:j], VLLMSamplingParams(
+                max_tokens=1, temperature=0, logprob_token_ids=ids))
+            step = final.outputs[0].logprobs[0]
+            results.append([step[token].logprob for token in ids])
+        return results
 
     async def loglik(self, request: GenerationRequest, continuation: Sequence[int]) -> list[float]:
         """vLLM's prompt log-probs (`prompt_logprobs=0`: each prompt token's own) over prompt + continuation."""

@@ -1,20 +1,20 @@
 """Listwise reranking (the Rerank RPC) in the strategy layer: protobuf ↔ params and outcome, and the program that
 runs a request's windows on a group's engine.
 
-The ranking rules are decoding/rerank.py. Here they meet an engine: a window under MODE_FIRST_TOKEN is one `score`
-call, or two (below), reading the exact log-probabilities of every identifier's token (the transformers engine's
-log-softmax of the raw logits, vLLM's `logprob_token_ids`; never a top-k list); under MODE_GENERATE it is one greedy
-`generate` call. A request's
-windows run one after the other (each reorders what the next one sees); the calls of one window (its permutations)
-are issued at once, and the engine batches them with other requests' windows.
+The ranking rules are decoding/rerank.py. Here they meet an engine: a window under MODE_FIRST_TOKEN is one
+`score_along` call (below), reading the exact log-probabilities of every identifier's tokens (the transformers
+engine's log-softmax of the raw logits, vLLM's `logprob_token_ids`; never a top-k list); under MODE_GENERATE it is one
+greedy `generate` call. A request's windows run one after the other (each reorders what the next one sees); the
+calls of one window (its permutations) are issued at once, and the engine batches them with other requests' windows.
 
 Identifier tokens are checked once per tokenizer when the group's replica starts (`identifier_tokens`): how the
 reply's "[A", "[B", … tokenize right after the assistant turn. Each must be one or two tokens ("[" + "A" on SmolLM2,
-"[A" merged on Qwen2.5 but "[" + "O"); the reads are then exact (`decoding.rerank.identifier_reads`): one forward
-per window when every identifier starts with the same "[" token, two run together when some merge (each prefills the
-whole prompt: twice the compute of one read on the transformers engine; vLLM's prefix cache can share it). Letters
-past the first one spelled otherwise bound the window size (INVALID_ARGUMENT on `window_size`); a tokenizer that
-spells fewer than two makes reranking unavailable for the model, with the reason in ListModels.
+"[A" merged on Qwen2.5 but "[" + "O"); the reads are then exact (`decoding.rerank.identifier_reads`): one
+`score_along` of prompt + "[" per window in both cases, reading the merged identifiers after the prompt and the
+letters after "[" (one forward on the transformers engine; on vLLM two requests, the second finding the prompt in
+the prefix cache). Letters past the first one spelled otherwise bound the window size (INVALID_ARGUMENT on
+`window_size`); a tokenizer that spells fewer than two makes reranking unavailable for the model, with the reason
+in ListModels.
 """
 
 from __future__ import annotations
@@ -109,8 +109,6 @@ class Identifiers:
     # Per letter, from A: its tokens right after the assistant turn (one or two); letters past the first that cannot
     # be read (three tokens or more) are left out, so a window may have at most len(spellings) passages.
     spellings: tuple[tuple[int, ...], ...]
-    # The text of each first token that identifiers continue ("["): appended to the prompt to read second tokens.
-    prefix_texts: dict[int, str]
 
 
 def identifier_tokens(tokenizer, model: str) -> Identifiers:
@@ -119,18 +117,12 @@ def identifier_tokens(tokenizer, model: str) -> Identifiers:
     messages = (ChatMessage("system", rr.SYSTEM_PROMPT), ChatMessage("user", rr.user_prompt("q", ["p", "p"])))
     text = chat_prompt_text(tokenizer, messages)
     base = tokenizer.encode(text)
-    spellings, prefix_texts = [], {}
+    spellings = []
     for letter in rr.IDENTIFIERS:
         spelled = tokenizer.encode(f"{text}[{letter}")
         tail = tuple(spelled[len(base):])
         if spelled[:len(base)] != base or not 1 <= len(tail) <= 2:
             break
-        if len(tail) == 2:
-            prefix = tokenizer.decode([tail[0]])
-            if tokenizer.encode(text + prefix) != base + [tail[0]] or tokenizer.encode(
-                    text + prefix + letter) != spelled:
-                break
-            prefix_texts[tail[0]] = prefix
         if any(tail[:len(other)] == other or other[:len(tail)] == tail for other in spellings):
             break  # one spelling begins another: their probabilities cannot be told apart
         spellings.append(tail)
@@ -138,7 +130,7 @@ def identifier_tokens(tokenizer, model: str) -> Identifiers:
         raise FailedPrecondition(f"model {model!r}: its tokenizer spells fewer than two of the identifiers '[A', "
                                  "'[B', … in one or two tokens after the assistant turn; listwise reranking cannot "
                                  "read them")
-    return Identifiers(tuple(spellings), prefix_texts)
+    return Identifiers(tuple(spellings))
 
 
 class Reranker:
@@ -174,7 +166,7 @@ class Reranker:
                                                  f"tokens, so its windows hold at most {readable} passages")
         limit = self.engine.score_id_limit
         reads = rr.identifier_reads(self.identifiers.spellings[:window])
-        widest = max(len(ids) for _, ids in reads)
+        widest = max(len(ids) for _, positions in reads for ids in positions)
         if limit is not None and widest > limit:
             raise InvalidArgument("window_size", f"{window} passages need {widest} log-probabilities at once; model "
                                                  f"{self.group.base!r}'s engine reads at most {limit} (vLLM "
@@ -246,12 +238,12 @@ class Reranker:
         if p.mode == "first_token":
             spellings = self.identifiers.spellings[:size]
             reads = rr.identifier_reads(spellings)
-            results = await asyncio.gather(*(self.engine.score(GenerationRequest(
+            results = await asyncio.gather(*(self.engine.score_along(GenerationRequest(
                 f"{call_id}-r{i}", SamplingParams(max_tokens=1, temperature=0.0), deadline=job.deadline,
-                prompt=text + (self.identifiers.prefix_texts[prefix] if prefix is not None else "")), ids)
-                for i, (prefix, ids) in enumerate(reads)))
-            report.forward_passes += len(reads)
-            report.prompt_tokens += sum(prompt_tokens + (prefix is not None) for prefix, _ in reads)
+                prompt=text), continuation, positions) for i, (continuation, positions) in enumerate(reads)))
+            report.forward_passes += len(reads) if self.engine.score_along_in_one_forward else sum(
+                1 for _, positions in reads for ids in positions if ids)
+            report.prompt_tokens += sum(prompt_tokens + len(continuation) for continuation, _ in reads)
             logprobs = rr.identifier_logprobs(spellings, reads, results)
             return rr.rank_first_token(zip(rr.IDENTIFIERS, logprobs), size)
         report.prompt_tokens += prompt_tokens
