@@ -7,8 +7,10 @@ Qwen2.5-Coder-1.5B-Instruct as the base, Qwen2.5-Coder-0.5B-Instruct as its guid
 Rows (each as a user would send it; the table says what each row sends):
   - GSM8K (Cobbe et al. 2021, openai/grade-school-math test set): the first --limit problems in file order, a fixed
     zero-shot chat prompt asking for step-by-step reasoning and a last line `#### <number>`, greedy, at most
-    --gsm8k-tokens tokens; correct when the final number (after `####`, else the last number of the reply) equals
-    the gold answer's. Rows: plain 0.5B, plain 1.5B, contrastive CD (beta 0.5, alpha 0.1, the 0.5B as amateur, as
+    --gsm8k-tokens tokens; correct when the final number (the last \\boxed{} number, else the one after the last
+    `####`, else the last number of the reply: decoding.best_of_n.final_number) equals the gold answer's. "Cut at the
+    limit" counts the replies that reached the token limit, whose last number may be an intermediate one. Rows:
+    plain 0.5B, plain 1.5B, contrastive CD (beta 0.5, alpha 0.1, the 0.5B as amateur, as
     O'Brien & Lewis run it), USCD (the lame prompt: the bare question without the instruction), STEER (the 0.5B as
     the base model B; the negative context asks for a bare guess), dynamic and static logit fusion (the 0.5B as the
     small base, the `stepwise` in-context expert), entropy switching (the 0.5B small, the group's calibrated
@@ -185,10 +187,11 @@ def gsm8k_row(stub, row: Row, problems: list[dict], tokens: int, concurrency: in
     correct = [hasattr(r, "text") and final_number(r.text) is not None and p["gold"] is not None
                and abs(final_number(r.text) - p["gold"]) < 1e-6 for r, p in zip(responses, problems)]
     tokens_out = sum(r.usage.completion_tokens for r in responses if hasattr(r, "text"))
+    cut = sum(hasattr(r, "text") and r.finish_reason == pb.FINISH_REASON_LENGTH for r in responses)
     low, high = wilson(sum(correct), len(correct))
     return {"row": row.name, "task": "gsm8k", "data": "GSM8K test (shared part), first problems in file order",
             "sends": row.sends, "model": row.model, "n": len(correct), "accuracy": sum(correct) / len(correct),
-            "ci95": [low, high], "errors": errors, "completion_tokens": tokens_out, "wall_s": wall,
+            "ci95": [low, high], "errors": errors, "completion_tokens": tokens_out, "cut_at_limit": cut, "wall_s": wall,
             "samples": [{"question": p["question"][:120], "gold": p["gold"],
                          "reply": r.text[-300:] if hasattr(r, "text") else None, "correct": c}
                         for p, r, c in list(zip(problems, responses, correct))[:5]]}
@@ -226,12 +229,12 @@ def markdown(report: dict) -> str:
              f"{report['gsm8k_tokens']} tokens), refusal sets n = {report['refusal_limit']} each "
              f"({report['refusal_tokens']} tokens), {report['concurrency']} requests in flight; 95% Wilson intervals; "
              f"rows' wall time {report['run_s'] / 60:.0f} min in all (server start-up not included).", "",
-             "| row | sends | GSM8K accuracy [95% CI] | n | wall (s) | measured |",
-             "| --- | --- | ---: | ---: | ---: | --- |"]
+             "| row | sends | GSM8K accuracy [95% CI] | n | cut at the limit | wall (s) | measured |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in report["rows"]:
         if r["task"] == "gsm8k":
             lines.append(f"| {r['row']} | {r['sends']} | {r['accuracy']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] "
-                         f"| {r['n']} | {r['wall_s']:.0f} | {r.get('measured', '')} |")
+                         f"| {r['n']} | {r.get('cut_at_limit', '–')} | {r['wall_s']:.0f} | {r.get('measured', '')} |")
     refusal = [r for r in report["rows"] if r["task"] == "refusal"]
     if refusal:
         sets = list(refusal[0]["sets"])

@@ -283,7 +283,8 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def with_server(config: str, log_path: Path, measure, progress: Progress | None = None):
     """Start a server on `config` (its output appended to `log_path`), return `measure("host:port")` and stop
-    it; None (log tail printed) if it does not start."""
+    it; None (log tail printed) if it does not start. A SIGTERM to the benchmark stops the server first (its
+    requests in flight then fail at once, so the benchmark's threads end) and then the benchmark."""
     port = free_port()
     begun = time.perf_counter()
     if progress:
@@ -295,10 +296,17 @@ def with_server(config: str, log_path: Path, measure, progress: Progress | None 
         return None
     if progress:
         progress.line(f"server serving after {time.perf_counter() - begun:.0f} s")
+
+    def terminated(signum, frame):
+        stop_server(server)
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         return measure(f"127.0.0.1:{port}")
     finally:
         stop_server(server)
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def run_server_levels(address: str, levels: list[int], totals: dict[int, int], max_tokens: int,
