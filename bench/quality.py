@@ -38,8 +38,8 @@ import dataclasses
 import json
 import math
 import time
-from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.run import Progress, data_bench_parser, parse_data_bench_args, with_server, write_report

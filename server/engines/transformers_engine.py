@@ -138,6 +138,16 @@ class _Job:
         return self.request.sampling
 
 
+def _read(log_probs: torch.Tensor, reads: list[list[int]]) -> list[list[float]]:
+    """log_probs[j, ids] for each position j and its ids in `reads`, gathered in one indexing."""
+    lengths = torch.tensor([len(ids) for ids in reads])
+    positions = torch.repeat_interleave(torch.arange(len(reads)), lengths).to(log_probs.device)
+    ids = torch.tensor([token for row in reads for token in row], dtype=torch.long, device=log_probs.device)
+    values = log_probs[positions, ids].tolist()
+    starts = [0, *lengths.cumsum(0).tolist()]
+    return [values[a:b] for a, b in zip(starts, starts[1:])]
+
+
 class TransformersEngine(Engine):
     """`config` supplies the guide models' specs; without it the group may have no guides."""
 
@@ -393,8 +403,7 @@ class TransformersEngine(Engine):
             log_probs = self._host.runners[self._spec.name].tail_log_probs([job.sequence for job in batch], width)
             for job, row in zip(batch, log_probs):
                 self._retire(job)
-                tail = row[-job.keep:]
-                job.deliver([tail[j, ids].tolist() for j, ids in enumerate(job.reads)])
+                job.deliver(_read(row[-job.keep:], job.reads))
 
     def _step(self) -> None:
         """One step within the token budget: a token for every decoding sequence (one row each), and the rest of
