@@ -25,11 +25,16 @@ Hand example: rankings [1,2,0,3], [1,2,3,0], [1,2,0,3] aggregate to [1,2,0,3] un
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import re
 import string
 from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix
 
 from decoding.errors import InvalidArgument
 
@@ -232,29 +237,43 @@ def _pairwise_wins(rankings: Sequence[Sequence[int]], size: int) -> list[list[in
 
 
 def kemeny(rankings: Sequence[Sequence[int]], size: int) -> list[int]:
-    """A Kemeny order by local search: from the Borda order, move one item to the place that lowers the summed
-    Kendall tau distance most, until no single move lowers it (a local optimum; exact Kemeny is NP-hard, and the
-    permsc library offers the same refinement next to an ILP)."""
-    wins = _pairwise_wins(rankings, size)
-    order = borda(rankings, size)
-    while True:
-        best_gain, best_move = 0, None
-        for i, item in enumerate(order):
-            # Moving `item` from place i to place j changes only its pairs with the items it passes.
-            gain = 0
-            for j in range(i - 1, -1, -1):  # up: it passes order[j]
-                gain += wins[item][order[j]] - wins[order[j]][item]
-                if gain > best_gain:
-                    best_gain, best_move = gain, (i, j)
-            gain = 0
-            for j in range(i + 1, size):  # down
-                gain += wins[order[j]][item] - wins[item][order[j]]
-                if gain > best_gain:
-                    best_gain, best_move = gain, (i, j)
-        if best_move is None:
-            return order
-        i, j = best_move
-        order.insert(j, order.pop(i))
+    """The Kemeny order, exact: the permutation with the least summed Kendall tau distance to the rankings (Kemeny
+    1959; the aggregation of Tang et al. 2024). With wins[a][b] the number of rankings that put a before b and one
+    binary x_ab per pair a < b (1: a goes before b), it is the integer linear program
+
+        minimize   Σ_{a<b}  x_ab · wins[b][a] + (1 − x_ab) · wins[a][b]
+        subject to 0 ≤ x_ab + x_bc − x_ac ≤ 1        for every a < b < c    (no 3-cycle, hence a total order)
+
+    solved to optimality by HiGHS (scipy.optimize.milp): size(size−1)/2 variables and C(size, 3) constraints,
+    tens of milliseconds for a window of 20 or 26 on one core. Ties between optimal orders go to the one that keeps
+    the most pairs in input order: the costs are scaled by size² and each x_ab gets −1, a sum below size² that can
+    never outweigh one disagreement. Hand example: [1,2,0,3], [1,2,3,0], [1,2,0,3] → [1,2,0,3]."""
+    if size < 3:
+        return borda(rankings, size)  # one pair: the majority, ties by input order, is what the program picks
+    wins = np.array(_pairwise_wins(rankings, size), dtype=np.float64)
+    first, second = np.triu_indices(size, k=1)  # the pairs a < b, in the order of the variables
+    pair_index = np.full((size, size), -1)
+    pair_index[first, second] = np.arange(first.size)
+    costs = size * size * (wins[second, first] - wins[first, second]) - 1.0
+    triples = np.array(list(itertools.combinations(range(size), 3)))
+    a, b, c = triples.T
+    rows = np.repeat(np.arange(len(triples)), 3)
+    columns = np.stack([pair_index[a, b], pair_index[b, c], pair_index[a, c]], axis=1).ravel()
+    signs = np.tile([1.0, 1.0, -1.0], len(triples))
+    transitivity = LinearConstraint(coo_matrix((signs, (rows, columns)), shape=(len(triples), first.size)), 0, 1)
+    solved = milp(costs, constraints=transitivity, integrality=np.ones(first.size), bounds=Bounds(0, 1),
+                  options={"mip_rel_gap": 0.0})
+    if solved.status != 0:
+        raise RuntimeError(f"Kemeny aggregation of {len(rankings)} rankings of {size} items: {solved.message}")
+    before = np.zeros((size, size), dtype=bool)
+    chosen = np.round(solved.x).astype(bool)
+    before[first[chosen], second[chosen]] = True
+    before[second[~chosen], first[~chosen]] = True
+    # In a total order the item placed k-th goes before exactly size − 1 − k others.
+    order = sorted(range(size), key=lambda item: -int(before[item].sum()))
+    if sorted(before[order].sum(axis=1).tolist(), reverse=True) != list(range(size - 1, -1, -1)):
+        raise RuntimeError(f"Kemeny aggregation: the solver's pair choices are not a total order ({solved.message})")
+    return order
 
 
 def aggregate(rankings: Sequence[Sequence[int]], size: int, how: str) -> list[int]:
