@@ -47,8 +47,7 @@ async def bench(args, progress: Progress) -> dict:
         for i, run in enumerate(runs[:args.windows]):
             params = rr.RerankParams(query=run["query"], passages=tuple(h["content"] for h in run["hits"][:20])
                                      ).validate()
-            words = reranker._fit(params, [list(range(20))])
-            text = reranker._prompt(params.query, list(params.passages), words)
+            text, words = reranker.window_prompt(params, list(range(20)))
             request = GenerationRequest(f"w{i}", SamplingParams(max_tokens=1, temperature=0.0), prompt=text)
             bracket_text = engine.tokenizer.decode(list(continuation))
 

@@ -178,6 +178,11 @@ def test_long_passages_are_cut_until_the_window_fits_the_context(reranker, engin
     assert window.passage_words < 300
     assert window.prompt_tokens + len(engine.tokenizer.encode(rr.ideal_answer(10))) + 8 <= engine.max_model_len + 1
     assert sorted(outcome.ranking) == list(range(10))
+    params = rr.RerankParams(QUERY, tuple(passages)).validate()
+    text, words = reranker.window_prompt(params, list(range(10)))  # what bench/identifier_reads.py shows
+    assert words == window.passage_words
+    reads = rr.identifier_reads(reranker.identifiers.spellings[:10])  # each read adds its continuation ("[")
+    assert len(engine.tokenizer.encode(text)) + sum(len(c) for c, _ in reads) == window.prompt_tokens
 
 
 @pytest.mark.parametrize("knobs, field", [

@@ -177,6 +177,12 @@ class Reranker:
         return chat_prompt_text(self.engine.tokenizer, (ChatMessage("system", self.system_prompt),
                                                         ChatMessage("user", user)))
 
+    def window_prompt(self, p: rr.RerankParams, passages: list[int]) -> tuple[str, int]:
+        """The prompt shown for these passages of a request (indices into p.passages, in the order shown) as one
+        window, and the word limit its passages were cut to so that it fits the context."""
+        words = self._fit(p, [passages])
+        return self._prompt(p.query, [p.passages[i] for i in passages], words), words
+
     def _prompt_tokens(self, text: str) -> int:
         return len(self.engine.tokenizer.encode(text))
 
