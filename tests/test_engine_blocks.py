@@ -93,7 +93,8 @@ def test_score_equals_the_log_softmax_of_a_full_forward(engine, hf_model):
 
 def test_score_along_reads_every_position_of_prompt_and_continuation(engine, hf_model):
     """Each position's ids equal the full forward of prompt + continuation there; a position may read nothing; the
-    calls are batched with plain scores (rows of different lengths and kept positions in one forward)."""
+    calls are batched with plain scores (rows of different lengths and kept positions; how they share forwards
+    depends on arrival, so the plain score equals the same read to float32 noise, not bit for bit)."""
     letters = [engine.tokenizer.convert_tokens_to_ids(c) for c in "ABC"]
     continuation = letters[:2]
     reads = [letters, [], [45000, *letters]]
@@ -110,7 +111,7 @@ def test_score_along_reads_every_position_of_prompt_and_continuation(engine, hf_
         assert len(got) == len(continuation) + 1
         for j, ids in enumerate(reads):
             assert got[j] == pytest.approx(log_probs[j, ids].tolist(), abs=1e-4), j
-    assert plain == pytest.approx(along[0][0], abs=1e-5)
+    assert plain == pytest.approx(along[0][0], abs=1e-4)
     with pytest.raises(InvalidArgument, match="candidate_ids: one list of ids per position: 2 for a continuation of 1"):
         asyncio.run(engine.score_along(requests[0], continuation[:1], [letters]))
     with pytest.raises(InvalidArgument, match="candidate_ids: give at least one token id"):

@@ -1,8 +1,10 @@
 """The slot-cache runner against a naive reference that recomputes the full forward every step."""
 
+import random
+
 import torch
 
-from server.lockstep.runner import ModelRunner
+from server.lockstep.runner import FORWARD_OVERHEAD_TOKENS, ModelRunner, padding_groups
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a village by the sea,", "def fibonacci(n):"]
 STEPS = 20
@@ -80,6 +82,65 @@ def test_ragged_chunked_prefill_in_one_forward_equals_whole_prompts(hf_model, to
             want = hf_model(torch.tensor([prompt])).logits[0, -1].float()
             assert torch.allclose(last[i], want, atol=1e-4), f"prompt {i}"
     generated = [[int(row.argmax())] for row in last]
+    for _ in range(STEPS - 1):
+        for i, row in enumerate(runner.decode(slots, [g[-1] for g in generated])):
+            generated[i].append(int(row.argmax()))
+    for i, prompt in enumerate(prompts):
+        assert generated[i] == naive_greedy(hf_model, prompt, STEPS), f"prompt {i} diverged"
+
+
+def _partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in _partitions(rest):
+        yield [[first], *partition]
+        for k in range(len(partition)):
+            yield [*partition[:k], [first, *partition[k]], *partition[k + 1:]]
+
+
+def _padded_cost(lengths, groups, overhead):
+    return sum(overhead + len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def test_padding_groups_are_the_cheapest_split_against_every_partition():
+    assert padding_groups([500] + [10] * 8, 32) == [[1, 2, 3, 4, 5, 6, 7, 8], [0]]
+    assert padding_groups([3, 5, 2], 32) == [[2, 0, 1]]
+    assert padding_groups([1, 2, 3, 100, 101], 0) == [[0], [1], [2], [3], [4]]
+    rng = random.Random(3)
+    for _ in range(150):
+        lengths = [rng.choice([1, 2, 5, 9, 40, 200]) for _ in range(rng.randint(1, 7))]
+        overhead = rng.choice([0, 1, 8, 32, 500])
+        groups = padding_groups(lengths, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        best = min(_padded_cost(lengths, p, overhead) for p in _partitions(list(range(len(lengths)))))
+        assert _padded_cost(lengths, groups, overhead) == best
+        for g in groups:  # equal lengths are never split
+            assert not any(lengths[i] == lengths[j] for h in groups if h is not g for i in g for j in h)
+
+
+def test_rows_of_very_different_lengths_go_in_separate_forwards_with_the_same_logits(hf_model, tokenizer):
+    """A long prompt beside short ones: extend_many and tail_log_probs split them (two forwards each), and every
+    row's logits equal a plain forward of its whole sequence."""
+    long_prompt = tokenizer.encode(" ".join(PROMPTS * 6))
+    short = [tokenizer.encode(p) for p in PROMPTS[:2]]
+    assert len(long_prompt) > FORWARD_OVERHEAD_TOKENS + 2 * max(map(len, short))
+    prompts = [short[0], long_prompt, short[1]]
+    assert len(padding_groups([len(p) for p in prompts])) == 2
+    runner = ModelRunner(hf_model, vocab_size=len(tokenizer), max_slots=3, max_len=256)
+    slots = [runner.open() for _ in prompts]
+    before = runner.forward_passes
+    logits = runner.extend_many(slots, prompts)
+    assert runner.forward_passes == before + 2
+    scored = runner.tail_log_probs(prompts, keep=2)
+    assert runner.forward_passes == before + 4
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            want = hf_model(torch.tensor([prompt])).logits[0, -2:].float()
+            assert torch.allclose(logits[i], want[-1], atol=1e-4), f"prompt {i}"
+            assert torch.allclose(scored[i], want.log_softmax(-1), atol=1e-4), f"prompt {i}"
+    generated = [[int(row.argmax())] for row in logits]
     for _ in range(STEPS - 1):
         for i, row in enumerate(runner.decode(slots, [g[-1] for g in generated])):
             generated[i].append(int(row.argmax()))
