@@ -146,3 +146,11 @@ def test_rows_of_very_different_lengths_go_in_separate_forwards_with_the_same_lo
             generated[i].append(int(row.argmax()))
     for i, prompt in enumerate(prompts):
         assert generated[i] == naive_greedy(hf_model, prompt, STEPS), f"prompt {i} diverged"
+    # A row shorter than the positions kept for the batch (a long loglik beside a short score) in a forward alone.
+    tiny = short[0][:3]
+    scored = runner.tail_log_probs([long_prompt, tiny], keep=8)
+    with torch.inference_mode():
+        want = hf_model(torch.tensor([tiny])).logits[0].float().log_softmax(-1)
+        assert torch.allclose(scored[1, -3:], want, atol=1e-4)
+        want = hf_model(torch.tensor([long_prompt])).logits[0, -8:].float().log_softmax(-1)
+        assert torch.allclose(scored[0], want, atol=1e-4)

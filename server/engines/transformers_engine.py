@@ -47,9 +47,10 @@ from server.errors import DeadlineExceeded, FailedPrecondition, ResourceExhauste
 from server.models import resolve_model_path
 
 log = logging.getLogger(__name__)
-# Score/loglik jobs batched into one forward read at most this many next-token distributions (rows × kept positions)
-# and feed at most this many tokens (rows × the longest, left-padded; a job longer than that runs alone): the
-# attention of a batch of long prompts (reranking windows of 2-3k tokens) grows with rows × length².
+# Score/loglik jobs batched together read at most this many next-token distributions (rows × kept positions) and
+# feed at most this many tokens (rows × the longest, as if left-padded into one forward; a job longer than that runs
+# alone; the runner may still split a batch of very different lengths into several forwards): the attention of a
+# batch of long prompts (reranking windows of 2-3k tokens) grows with rows × length².
 JOB_ROWS = 1024
 JOB_TOKENS = 16384
 

@@ -109,7 +109,8 @@ class ModelRunner:
     @torch.inference_mode()
     def tail_log_probs(self, sequences: list[list[int]], keep: int) -> torch.Tensor:
         """Log-softmax of the next-token logits at the last `keep` positions of each sequence: [B, keep, V] float32
-        (row b, j: the distribution after sequences[b][:len - keep + j + 1]). Batched forwards (rows of very different
+        (row b, j: the distribution after sequences[b][:len - keep + j + 1]; for a sequence shorter than `keep`, only
+        its last len places mean anything). Batched forwards (rows of very different
         lengths split as `padding_groups` says), left-padded, without the slot cache (scoring reads a prompt once and
         keeps nothing)."""
         if max(len(s) for s in sequences) > self.max_len:
@@ -120,7 +121,7 @@ class ModelRunner:
         return out
 
     def _tail_log_probs(self, sequences: list[list[int]], keep: int) -> torch.Tensor:
-        width = max(len(s) for s in sequences)
+        width = max(keep, *(len(s) for s in sequences))  # a row shorter than `keep` has padding in its first places
         ids = torch.zeros((len(sequences), width), dtype=torch.long, device=self.device)
         mask = torch.zeros_like(ids)
         for row, sequence in enumerate(sequences):
