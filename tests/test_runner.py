@@ -135,6 +135,10 @@ def test_rows_of_very_different_lengths_go_in_separate_forwards_with_the_same_lo
     assert runner.forward_passes == before + 2
     scored = runner.tail_log_probs(prompts, keep=2)
     assert runner.forward_passes == before + 4
+    padded = ModelRunner(hf_model, vocab_size=len(tokenizer), max_slots=3, max_len=256,
+                         forward_overhead_tokens=10 ** 9)  # never splits: one forward, the same logits
+    assert torch.allclose(padded.extend_many([padded.open() for _ in prompts], prompts), logits, atol=1e-4)
+    assert padded.forward_passes == 1
     with torch.inference_mode():
         for i, prompt in enumerate(prompts):
             want = hf_model(torch.tensor([prompt])).logits[0, -2:].float()

@@ -61,9 +61,13 @@ class Slot:
 
 
 class ModelRunner:
-    def __init__(self, model, *, vocab_size: int, max_slots: int, max_len: int):
+    def __init__(self, model, *, vocab_size: int, max_slots: int, max_len: int,
+                 forward_overhead_tokens: int = FORWARD_OVERHEAD_TOKENS):
+        """`forward_overhead_tokens`: the per-forward cost `padding_groups` weighs padding against (a very large value
+        keeps every batch of ragged rows in one padded forward)."""
         config = model.config
         self.model = model
+        self.forward_overhead_tokens = forward_overhead_tokens
         self.device = next(model.parameters()).device
         self.vocab_size = vocab_size
         self.max_len = max_len
@@ -116,7 +120,7 @@ class ModelRunner:
         if max(len(s) for s in sequences) > self.max_len:
             raise ValueError(f"a sequence is over the model's {self.max_len} tokens")
         out = torch.empty((len(sequences), keep, self.vocab_size), dtype=torch.float32, device=self.device)
-        for group in padding_groups([len(s) for s in sequences]):
+        for group in padding_groups([len(s) for s in sequences], self.forward_overhead_tokens):
             out[group] = self._tail_log_probs([sequences[i] for i in group], keep)
         return out
 
@@ -158,7 +162,7 @@ class ModelRunner:
                 raise ValueError(f"sequence would reach {slot.length + len(tokens)} tokens, over the cache's "
                                  f"{self.max_len}")
         logits = torch.empty((len(slots), self.vocab_size), dtype=torch.float32, device=self.device)
-        for group in padding_groups([len(tokens) for tokens in token_lists]):
+        for group in padding_groups([len(tokens) for tokens in token_lists], self.forward_overhead_tokens):
             logits[group] = self._extend_ragged([slots[i] for i in group], [token_lists[i] for i in group])
         return logits
 
