@@ -88,7 +88,8 @@ def bench(args, progress: Progress) -> dict:
         cases.append({"case": name, "stands_for": stands_for, "cached_tokens": cached, "row_tokens": lengths,
                       "forwards_split": len(padding_groups(lengths, FORWARD_OVERHEAD_TOKENS)),
                       "padded_s": times["padded"], "split_s": times["split"], "max_diff": differ,
-                      "ratio_split_over_padded": statistics.median(times["split"]) / statistics.median(times["padded"])})
+                      "ratio_split_over_padded":
+                          statistics.median(times["split"]) / statistics.median(times["padded"])})
     return {"model": args.model, "threads": args.threads, "repetitions": args.repetitions,
             "forward_overhead_tokens": FORWARD_OVERHEAD_TOKENS, "cases": cases}
 

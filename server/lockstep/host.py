@@ -24,8 +24,9 @@ position (`lazy`: entropy switching's idle model) is not prefilled; its first us
 generated so far in one extend. Streams one token behind decode together, one batched forward per model across all
 requests; a stream several tokens behind (a position its plan skipped, see `Plan.needs_base` / `Plan.streams_at`,
 or a request vLLM did not schedule) catches up in a multi-token extend, its KV cache kept, all such streams of a
-model in ragged forwards (split by length where padding would cost more than a forward: `padding_groups`). A request stepped again at the same position (vLLM fuses rows of partial prefills and
-discards their tokens) reuses its streams' logits. Plans of one class fuse their rows in one call (`Plan.step_rows`).
+model in ragged forwards (split by length where padding would cost more than a forward: `padding_groups`). A
+request stepped again at the same position (vLLM fuses rows of partial prefills and discards their tokens) reuses
+its streams' logits. Plans of one class fuse their rows in one call (`Plan.step_rows`).
 
 Capacity is checked here for both engines: `unservable` says why a request could never be hosted (more slots on a
 model than it has: FAILED_PRECONDITION), `fits` whether its slots are free now (the transformers engine keeps the

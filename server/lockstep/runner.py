@@ -30,8 +30,8 @@ def padding_groups(lengths: Sequence[int], overhead: int = FORWARD_OVERHEAD_TOKE
     (token positions computed, plus `overhead` per forward). Some optimal split is a run of consecutive rows in
     length order (a row can move from a forward with a longer longest row into one whose longest row is at least its
     own at no extra cost: the width it joins stays, the forward it leaves loses a row), so a dynamic program over the
-    sorted lengths finds it exactly in O(n²). Returns the row indices of each forward, the
-    shortest rows first; equal lengths always share one. E.g. [500, 10 × 8] with overhead 32: the eight rows of 10
+    sorted lengths finds it exactly in O(n²). Returns the row indices of each forward, the shortest rows first;
+    equal lengths always share one. E.g. [500, 10 × 8] with overhead 32: the eight rows of 10
     in one forward (80 + 32) and the 500 alone (500 + 32), against 9 · 500 + 32 padded together."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     best = [0] + [None] * len(order)  # best[j]: the least cost of the j shortest rows
@@ -114,9 +114,8 @@ class ModelRunner:
     def tail_log_probs(self, sequences: list[list[int]], keep: int) -> torch.Tensor:
         """Log-softmax of the next-token logits at the last `keep` positions of each sequence: [B, keep, V] float32
         (row b, j: the distribution after sequences[b][:len - keep + j + 1]; for a sequence shorter than `keep`, only
-        its last len places mean anything). Batched forwards (rows of very different
-        lengths split as `padding_groups` says), left-padded, without the slot cache (scoring reads a prompt once and
-        keeps nothing)."""
+        its last len places mean anything). Batched forwards (rows of very different lengths split as
+        `padding_groups` says), left-padded, without the slot cache (scoring reads a prompt once and keeps nothing)."""
         if max(len(s) for s in sequences) > self.max_len:
             raise ValueError(f"a sequence is over the model's {self.max_len} tokens")
         out = torch.empty((len(sequences), keep, self.vocab_size), dtype=torch.float32, device=self.device)
