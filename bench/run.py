@@ -261,7 +261,11 @@ def start_server(config: str, port: int, log_path: Path, metrics_port: int | Non
                              "--metrics-port", str(metrics_port or free_port())],
                             stdout=log, stderr=subprocess.STDOUT)
     exited = lambda: f"server exited ({proc.returncode})" if proc.poll() is not None else None  # noqa: E731
-    error = wait_until_serving(f"127.0.0.1:{port}", 600, exited)
+    try:
+        error = wait_until_serving(f"127.0.0.1:{port}", 600, exited)
+    except BaseException:  # a SIGTERM (with_server) or Ctrl-C while it starts: no server is left behind
+        stop_server(proc)
+        raise
     if error:
         stop_server(proc)  # SIGINT first: chorus serve's ray.shutdown() runs, no Ray cluster is left behind
         raise RuntimeError(f"{error}; see {log_path}")
@@ -284,28 +288,33 @@ def stop_server(proc: subprocess.Popen) -> None:
 def with_server(config: str, log_path: Path, measure, progress: Progress | None = None):
     """Start a server on `config` (its output appended to `log_path`), return `measure("host:port")` and stop
     it; None (log tail printed) if it does not start. A SIGTERM to the benchmark stops the server first (its
-    requests in flight then fail at once, so the benchmark's threads end) and then the benchmark."""
+    requests in flight then fail at once, so the benchmark's threads end) and then the benchmark; one that comes
+    while the server is still starting stops it too."""
     port = free_port()
     begun = time.perf_counter()
-    if progress:
-        progress.line(f"starting the server ({config}, log {log_path})")
-    try:
-        server = start_server(config, port, log_path)
-    except RuntimeError as error:
-        print(f"{error}\n--- server log tail ---\n{log_tail(log_path)}", file=sys.stderr)
-        return None
-    if progress:
-        progress.line(f"server serving after {time.perf_counter() - begun:.0f} s")
+    server = None
 
     def terminated(signum, frame):
-        stop_server(server)
-        sys.exit(128 + signum)
+        if server is not None:
+            stop_server(server)
+        sys.exit(128 + signum)  # while starting: start_server stops the server as this unwinds through it
 
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        return measure(f"127.0.0.1:{port}")
+        if progress:
+            progress.line(f"starting the server ({config}, log {log_path})")
+        try:
+            server = start_server(config, port, log_path)
+        except RuntimeError as error:
+            print(f"{error}\n--- server log tail ---\n{log_tail(log_path)}", file=sys.stderr)
+            return None
+        if progress:
+            progress.line(f"server serving after {time.perf_counter() - begun:.0f} s")
+        try:
+            return measure(f"127.0.0.1:{port}")
+        finally:
+            stop_server(server)
     finally:
-        stop_server(server)
         signal.signal(signal.SIGTERM, previous)
 
 
