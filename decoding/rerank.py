@@ -245,9 +245,10 @@ def kemeny(rankings: Sequence[Sequence[int]], size: int) -> list[int]:
         subject to 0 ≤ x_ab + x_bc − x_ac ≤ 1        for every a < b < c    (no 3-cycle, hence a total order)
 
     solved to optimality by HiGHS (scipy.optimize.milp): size(size−1)/2 variables and C(size, 3) constraints,
-    tens of milliseconds for a window of 20 or 26 on one core. Ties between optimal orders go to the one that keeps
-    the most pairs in input order: the costs are scaled by size² and each x_ab gets −1, a sum below size² that can
-    never outweigh one disagreement. Hand example: [1,2,0,3], [1,2,3,0], [1,2,0,3] → [1,2,0,3]."""
+    tens of milliseconds for a window of 20 or 26 on one core. Ties between optimal orders go to one that keeps the
+    most pairs in input order (the costs are scaled by size² and each x_ab gets −1, a sum below size² that can never
+    outweigh one disagreement); among several such orders the solver's pick is deterministic for a given HiGHS.
+    Hand example: [1,2,0,3], [1,2,3,0], [1,2,0,3] → [1,2,0,3]."""
     if size < 3:
         return borda(rankings, size)  # one pair: the majority, ties by input order, is what the program picks
     wins = np.array(_pairwise_wins(rankings, size), dtype=np.float64)

@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from server.lockstep.runner import FORWARD_OVERHEAD_TOKENS, ModelRunner, padding_groups
+from server.lockstep.runner import ModelRunner, padding_groups
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a village by the sea,", "def fibonacci(n):"]
 STEPS = 20
@@ -118,6 +118,8 @@ def test_padding_groups_are_the_cheapest_split_against_every_partition():
         assert _padded_cost(lengths, groups, overhead) == best
         for g in groups:  # equal lengths are never split
             assert not any(lengths[i] == lengths[j] for h in groups if h is not g for i in g for j in h)
+    many = [rng.choice([1, 7, 30, 300]) for _ in range(1024)]  # as many rows as a batch of score jobs may have
+    assert sorted(len(g) for g in padding_groups(many, 32)) == sorted(many.count(n) for n in set(many))
 
 
 def test_rows_of_very_different_lengths_go_in_separate_forwards_with_the_same_logits(hf_model, tokenizer):
@@ -125,10 +127,10 @@ def test_rows_of_very_different_lengths_go_in_separate_forwards_with_the_same_lo
     row's logits equal a plain forward of its whole sequence."""
     long_prompt = tokenizer.encode(" ".join(PROMPTS * 6))
     short = [tokenizer.encode(p) for p in PROMPTS[:2]]
-    assert len(long_prompt) > FORWARD_OVERHEAD_TOKENS + 2 * max(map(len, short))
     prompts = [short[0], long_prompt, short[1]]
-    assert len(padding_groups([len(p) for p in prompts])) == 2
     runner = ModelRunner(hf_model, vocab_size=len(tokenizer), max_slots=3, max_len=256)
+    assert runner.forward_overhead_tokens == 32  # the CPU default
+    assert len(padding_groups([len(p) for p in prompts], runner.forward_overhead_tokens)) == 2
     slots = [runner.open() for _ in prompts]
     before = runner.forward_passes
     logits = runner.extend_many(slots, prompts)

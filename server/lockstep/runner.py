@@ -15,36 +15,45 @@ import torch
 from server.lockstep.kv_cache import SlotKVCache
 
 
-# What one forward costs beyond its tokens, in tokens: ragged rows are split into several forwards when the padding
-# saved is worth more. Measured on 2 CPU cores with SmolLM2-135M (float32): a forward costs about 60 ms plus 2 ms
-# per token position, i.e. ~30 tokens; with 100 cached tokens, one prompt of 500 beside eight catch-ups of 10 took
-# 8.1 s as one padded forward and 1.1 s as two. Never measured on a GPU (where it is likely larger).
-FORWARD_OVERHEAD_TOKENS = 32
+# What one forward costs beyond its tokens, in tokens, by device type: ragged rows are split into several forwards
+# when the padding saved is worth more. CPU, measured on 2 cores with SmolLM2-135M (float32): a forward costs about
+# 60 ms plus 2 ms per token position, i.e. ~30 tokens; one prompt of 500 beside eight catch-ups of 10 took 8.1 s as
+# one padded forward and 1.1 s as two (bench/padding.py). Any other device: never measured (no GPU was lent); a
+# forward's fixed cost is worth far more tokens there, so the default splits only where padding would add more than
+# 512 token positions, a guess to replace by a measurement.
+FORWARD_OVERHEAD_TOKENS = {"cpu": 32}
+FORWARD_OVERHEAD_TOKENS_OTHER = 512
 
 
-def padding_groups(lengths: Sequence[int], overhead: int = FORWARD_OVERHEAD_TOKENS) -> list[list[int]]:
+def padding_groups(lengths: Sequence[int], overhead: int) -> list[list[int]]:
     """Splits ragged rows (their token counts) into forwards, each padded to its longest row, at the least cost
 
         Σ over forwards g of  overhead + |g| · max_{i ∈ g} lengths[i]
 
     (token positions computed, plus `overhead` per forward). Some optimal split is a run of consecutive rows in
     length order (a row can move from a forward with a longer longest row into one whose longest row is at least its
-    own at no extra cost: the width it joins stays, the forward it leaves loses a row), so a dynamic program over the
-    sorted lengths finds it exactly in O(n²). Returns the row indices of each forward, the shortest rows first;
-    equal lengths always share one. E.g. [500, 10 × 8] with overhead 32: the eight rows of 10
-    in one forward (80 + 32) and the 500 alone (500 + 32), against 9 · 500 + 32 padded together."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    best = [0] + [None] * len(order)  # best[j]: the least cost of the j shortest rows
-    cut = [0] * (len(order) + 1)
-    for j in range(1, len(order) + 1):
-        longest = lengths[order[j - 1]]
+    own at no extra cost: the width it joins stays, the forward it leaves loses a row), and rows of equal length can
+    always share one (splitting them only adds an overhead), so a dynamic program over the distinct lengths finds it
+    exactly in O(d²). Returns the row indices of each forward, the shortest rows first. E.g. [500, 10 × 8] with
+    overhead 32: the eight rows of 10 in one forward (80 + 32) and the 500 alone (500 + 32), against 9 · 500 + 32
+    padded together."""
+    by_length: dict[int, list[int]] = {}
+    for row in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        by_length.setdefault(lengths[row], []).append(row)
+    distinct = list(by_length)
+    rows_up_to = [0]  # rows_up_to[j]: how many rows the j shortest distinct lengths hold
+    for length in distinct:
+        rows_up_to.append(rows_up_to[-1] + len(by_length[length]))
+    best = [0] + [None] * len(distinct)  # best[j]: the least cost of the rows of the j shortest distinct lengths
+    cut = [0] * (len(distinct) + 1)
+    for j in range(1, len(distinct) + 1):
         for i in range(j):
-            cost = best[i] + overhead + (j - i) * longest
+            cost = best[i] + overhead + (rows_up_to[j] - rows_up_to[i]) * distinct[j - 1]
             if best[j] is None or cost < best[j]:
                 best[j], cut[j] = cost, i
-    groups, j = [], len(order)
+    groups, j = [], len(distinct)
     while j > 0:
-        groups.append(order[cut[j]:j])
+        groups.append([row for length in distinct[cut[j]:j] for row in by_length[length]])
         j = cut[j]
     return groups[::-1]
 
@@ -62,13 +71,15 @@ class Slot:
 
 class ModelRunner:
     def __init__(self, model, *, vocab_size: int, max_slots: int, max_len: int,
-                 forward_overhead_tokens: int = FORWARD_OVERHEAD_TOKENS):
-        """`forward_overhead_tokens`: the per-forward cost `padding_groups` weighs padding against (a very large value
-        keeps every batch of ragged rows in one padded forward)."""
+                 forward_overhead_tokens: int | None = None):
+        """`forward_overhead_tokens`: the per-forward cost `padding_groups` weighs padding against (default: by the
+        model's device type, FORWARD_OVERHEAD_TOKENS; a very large value keeps every batch of ragged rows in one
+        padded forward)."""
         config = model.config
         self.model = model
-        self.forward_overhead_tokens = forward_overhead_tokens
         self.device = next(model.parameters()).device
+        self.forward_overhead_tokens = (FORWARD_OVERHEAD_TOKENS.get(self.device.type, FORWARD_OVERHEAD_TOKENS_OTHER)
+                                        if forward_overhead_tokens is None else forward_overhead_tokens)
         self.vocab_size = vocab_size
         self.max_len = max_len
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -118,8 +129,11 @@ class ModelRunner:
         `padding_groups` says), left-padded, without the slot cache (scoring reads a prompt once and keeps nothing)."""
         if max(len(s) for s in sequences) > self.max_len:
             raise ValueError(f"a sequence is over the model's {self.max_len} tokens")
+        groups = padding_groups([len(s) for s in sequences], self.forward_overhead_tokens)
+        if len(groups) == 1:
+            return self._tail_log_probs(sequences, keep)
         out = torch.empty((len(sequences), keep, self.vocab_size), dtype=torch.float32, device=self.device)
-        for group in padding_groups([len(s) for s in sequences], self.forward_overhead_tokens):
+        for group in groups:
             out[group] = self._tail_log_probs([sequences[i] for i in group], keep)
         return out
 
@@ -160,8 +174,11 @@ class ModelRunner:
             if slot.length + len(tokens) > self.max_len:
                 raise ValueError(f"sequence would reach {slot.length + len(tokens)} tokens, over the cache's "
                                  f"{self.max_len}")
+        groups = padding_groups([len(tokens) for tokens in token_lists], self.forward_overhead_tokens)
+        if len(groups) == 1:
+            return self._extend_ragged(slots, token_lists)
         logits = torch.empty((len(slots), self.vocab_size), dtype=torch.float32, device=self.device)
-        for group in padding_groups([len(tokens) for tokens in token_lists], self.forward_overhead_tokens):
+        for group in groups:
             logits[group] = self._extend_ragged([slots[i] for i in group], [token_lists[i] for i in group])
         return logits
 
