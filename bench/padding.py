@@ -9,8 +9,8 @@ windows of concurrent queries). Padded into one forward, every row costs the lon
 where the padding would cost more than another forward (server/lockstep/runner.py, `padding_groups`). Each case
 runs on the same model both ways: a runner that never splits (`forward_overhead_tokens` = 10⁹, the behaviour before)
 and the default one, each warmed up by one untimed call, then alternating which goes first, `--repetitions` times;
-the logits of both ways must agree (to 1e-3) or the run stops. Writes <out>/<name>.json, .md and .png: median [min–max] wall time per case each way and
-their ratio. Timings are never asserted.
+the logits of both ways must agree (to 1e-3) or the run stops. Writes <out>/<name>.json, .md and .png: median
+[min–max] wall time per case each way and their ratio. Timings are never asserted.
 """
 
 from __future__ import annotations
