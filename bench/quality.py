@@ -20,7 +20,12 @@ Rows (each as a user would send it; the table says what each row sends):
     a refusal when it starts with or contains a refusal phrase (the string-match classifier of the XSTest paper,
     REFUSAL_PHRASES). Refusal rate on prompts a model should refuse, over-refusal on those it should answer. Rows:
     plain, and refusal steering in argmax mode, threshold mode at three thresholds, logit-bias mode at three biases.
-Slots for later strategies (best-of-N, reranking) are rows added to ROWS with the same harness.
+  - Reranking (TREC DL20, BM25 top-100; nDCG@10): not run here. A window of 20 passages is a 2k-token prefill, so
+    the rows come from bench/rerank.py's own runs (the strategy layer's Reranker, what a Rerank call runs), read from
+    its reports in <out> (RERANK_REPORTS: the embedded default and the 1.5B) when they exist: per query nDCG@10 of
+    the BM25 order, of MODE_FIRST_TOKEN and of MODE_GENERATE on the queries both modes ran, the mean with a 95%
+    t interval, and each mode's mean difference from BM25 on the same queries (paired).
+A slot for best-of-N is a row added to ROWS with the same harness.
 
 Each row: its data, sample size, the metric with a 95% Wilson interval, its wall time and when it was measured;
 requests run --concurrency at a time so the server batches them. Writes <out>/<name>.json, .md and .png after every
@@ -46,6 +51,7 @@ from bench.run import Progress, data_bench_parser, parse_data_bench_args, with_s
 from decoding.best_of_n import final_number
 
 LARGE, SMALL = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
+RERANK_REPORTS = ("rerank", "rerank-1.5b")  # bench/rerank.py's reports in <out> whose rows the table shows
 GSM8K_INSTRUCTION = ("Solve the following math problem. Reason step by step, then write the final answer on the last "
                      "line as '#### <number>'.")
 STEER_NEGATIVE = "Answer with a quick guess. Do not show any reasoning."
@@ -222,6 +228,49 @@ def refusal_row(stub, row: Row, sets: dict[str, list[dict]], tokens: int, concur
             "sends": row.sends, "model": row.model, "sets": per_set, "wall_s": wall}
 
 
+# ---- reranking, from bench/rerank.py's reports ----
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """The mean and its 95% t interval (NaN bounds for a single value)."""
+    from scipy.stats import t
+
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    half = t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def rerank_rows(out: Path, data: Path) -> list[dict]:
+    """nDCG@10 rows of each of bench/rerank.py's reports (RERANK_REPORTS) found in `out`, on the queries its
+    MODE_GENERATE pass ran (both modes and BM25 on the same queries)."""
+    from bench.rerank import docids, load_dl20, ndcg_at, qid
+
+    found = [(name, json.loads((out / f"{name}.json").read_text())) for name in RERANK_REPORTS
+             if (out / f"{name}.json").exists()]
+    if not found:
+        return []
+    runs, qrels = load_dl20(data / "dl20")
+    rows = []
+    for name, report in found:
+        subset = runs[:report["generate_queries"]]
+        orders = {"BM25 order": [list(range(len(run["hits"]))) for run in subset],
+                  "MODE_FIRST_TOKEN": report["first"]["rankings"][:len(subset)],
+                  "MODE_GENERATE": report["generate"]["rankings"]}
+        scores = {label: [ndcg_at(docids(run, r), qrels[qid(run)]) for run, r in zip(subset, rankings)]
+                  for label, rankings in orders.items()}
+        for label, values in scores.items():
+            mean, low, high = mean_interval(values)
+            row = {"source": f"{name}.json", "model": report["model"], "order": label, "n": len(values),
+                   "windows": f"{report['window_size']} by {report['stride']}", "ndcg10": mean, "ci95": [low, high],
+                   "command": report.get("command", "")}
+            if label != "BM25 order":
+                row["minus_bm25"] = list(mean_interval([v - b for v, b in zip(values, scores["BM25 order"])]))
+            rows.append(row)
+    return rows
+
+
 # ---- output ----
 
 def markdown(report: dict) -> str:
@@ -245,6 +294,18 @@ def markdown(report: dict) -> str:
         for r in refusal:
             cells = [f"{s['refusal_rate']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]" for s in r["sets"].values()]
             lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['wall_s']:.0f} | {r.get('measured', '')} |")
+    if report.get("rerank"):
+        lines += ["", "Reranking, TREC DL20 BM25 top-100 (from bench/rerank.py's reports, not run by this harness); "
+                  "nDCG@10 mean [95% t interval] on the queries both modes ran, and the mean paired difference from "
+                  "the BM25 order; windows: size by stride:", "",
+                  "| model | order | n | windows | nDCG@10 [95% CI] | minus BM25 [95% CI] | source |",
+                  "| --- | --- | ---: | --- | ---: | ---: | --- |"]
+        for r in report["rerank"]:
+            diff = r.get("minus_bm25")
+            diff_cell = f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]" if diff else "–"
+            low, high = r["ci95"]
+            lines.append(f"| {r['model']} | {r['order']} | {r['n']} | {r['windows']} | {r['ndcg10']:.3f} "
+                         f"[{low:.3f}, {high:.3f}] | {diff_cell} | {r['source']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -303,7 +364,8 @@ def main() -> int:
 
     def report(results: list[dict]) -> dict:
         ordered = sorted(results, key=lambda r: order.index(r["row"]))
-        return settings | {"rows": ordered, "run_s": sum(r["wall_s"] for r in ordered)}
+        return settings | {"rows": ordered, "run_s": sum(r["wall_s"] for r in ordered),
+                           "rerank": rerank_rows(args.out, args.data)}
 
     problems = gsm8k_problems(args.data, args.limit)
     sets = refusal_prompts(args.data, args.refusal_limit)
@@ -333,7 +395,9 @@ def main() -> int:
         return kept
 
     if not selected:
-        print(f"every selected row is already in {args.out / args.name}.json (--resume): nothing to run")
+        print(f"every selected row is already in {args.out / args.name}.json (--resume): nothing to run; "
+              "the table is written again (with the reranking reports there now)")
+        write_report(args.out, args.name, report(kept), markdown, plot)
         return 0
     return 0 if with_server(args.config, args.out / f"{args.name}-server.log", measure, progress) else 1
 

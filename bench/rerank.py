@@ -264,7 +264,7 @@ def main() -> int:
     parser.add_argument("--window-size", dest="window_size", type=int, default=RerankParams.window_size)
     parser.add_argument("--stride", type=int, default=RerankParams.stride)
     parser.add_argument("--resume", action="store_true",
-                        help="keep the queries <out>/<name>.queries.jsonl holds under the same settings, run the others")
+                        help="keep the queries of <out>/<name>.queries.jsonl measured under the same settings")
     args = parse_data_bench_args(parser)
     if not 1 <= args.generate_queries <= args.queries or not 0 <= args.throughput_queries <= args.queries:
         parser.error("--generate-queries must be in [1, --queries], --throughput-queries in [0, --queries]")

@@ -50,3 +50,39 @@ def test_entropy_switch_bench_points_and_agreement():
     assert agreement([[1, 2, 9, 9], [5, 6, 7]], [[1, 2, 3, 4], [5, 6, 7]]) == (0.75, 0.5)
     with pytest.raises(SystemExit, match="--thresholds"):
         points([1.0], [], default=None)
+
+
+def test_mean_interval_against_the_t_table():
+    from bench.quality import mean_interval
+
+    mean, low, high = mean_interval([1.0, 2.0, 3.0, 4.0])  # sd 1.291, t(0.975, 3) = 3.182
+    assert mean == 2.5 and high - mean == pytest.approx(3.182446 * 1.290994 / 2, rel=1e-5) and low == 5.0 - high
+    assert math.isnan(mean_interval([0.7])[1])
+
+
+def test_rerank_rows_from_a_rerank_report(tmp_path):
+    """Rows per order on the queries both modes ran, each mode's paired difference from BM25."""
+    from bench.quality import rerank_rows
+
+    data = tmp_path / "data" / "dl20"
+    data.mkdir(parents=True)
+    runs = [{"query": f"q{i}", "hits": [{"qid": i, "docid": f"{i}-{j}", "content": ""} for j in range(3)]}
+            for i in range(3)]
+    (data / "retrieve_results_dl20.json").write_text(json.dumps(runs))
+    # the last hit of each query is the only relevant one
+    (data / "qrels.dl20-passage.txt").write_text("".join(f"{i} 0 {i}-2 1\n" for i in range(3)))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert rerank_rows(out, tmp_path / "data") == []  # no report: no rows
+    report = {"model": "m", "generate_queries": 2, "window_size": 2, "stride": 1, "command": "python -m bench.rerank",
+              "first": {"rankings": [[2, 0, 1], [2, 1, 0], [0, 1, 2]]},  # the third query only in the first pass
+              "generate": {"rankings": [[0, 1, 2], [1, 2, 0]]}}
+    (out / "rerank.json").write_text(json.dumps(report))
+    rows = {r["order"]: r for r in rerank_rows(out, tmp_path / "data")}
+    bm25 = 1 / math.log2(4)  # the relevant passage at rank 3
+    assert rows["BM25 order"]["n"] == 2 and rows["BM25 order"]["ndcg10"] == pytest.approx(bm25)
+    assert "minus_bm25" not in rows["BM25 order"]
+    assert rows["MODE_FIRST_TOKEN"]["ndcg10"] == pytest.approx(1.0)
+    assert rows["MODE_FIRST_TOKEN"]["minus_bm25"][0] == pytest.approx(1 - bm25)
+    assert rows["MODE_GENERATE"]["ndcg10"] == pytest.approx((bm25 + 1 / math.log2(3)) / 2)
+    assert all(r["source"] == "rerank.json" and r["model"] == "m" for r in rows.values())
