@@ -120,6 +120,10 @@ class GroupSpec:
     # Entropy switching's default threshold (bits) for this group's `small` guide and base; `chorus
     # calibrate-entropy` prints one for a target large-model fraction. None: requests must send a threshold.
     entropy_threshold: float | None = None
+    # vLLM base: the base model's other contexts (in-context experts, USCD's lame prompt, STEER's negative context)
+    # run as companion requests in vLLM's own batch (paged KV, vLLM's kernels, no transformers copy of the base)
+    # instead of on a transformers copy of the base inside vLLM's engine core (server/engines/vllm_companions.py).
+    vllm_companions: bool = False
     best_of_n: BestOfNSpec = BestOfNSpec()
     rerank: RerankSpec = RerankSpec()
 
@@ -315,6 +319,9 @@ def parse_chorus_config(args: dict) -> ChorusConfig:
                               f"step always has room for prompt tokens, got {group.max_step_tokens}")
         for guide in group.guides.values():
             _check_guide(where, guide, models, group.base)
+        if group.vllm_companions and models[group.base].engine != "vllm":
+            raise ConfigError(f"{where}.vllm_companions: companion requests need a vLLM base; "
+                              f"{group.base!r} runs on {models[group.base].engine!r}")
         threshold = group.entropy_threshold
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or not math.isfinite(threshold)):

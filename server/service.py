@@ -210,7 +210,7 @@ def _field_details(error: Exception, message: str) -> tuple[tuple[str, bytes], .
 
 def _usage_proto(chunk: GenerationChunk) -> pb.Usage:
     return pb.Usage(prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens,
-                    forward_passes=chunk.usage.forward_passes)
+                    forward_passes=chunk.usage.forward_passes, companion_waits=chunk.usage.companion_waits)
 
 
 class _Call:

@@ -37,6 +37,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     forward_passes: dict[str, int] = dataclasses.field(default_factory=dict)
+    # vLLM companion groups: steps the request's rows waited for each other (server/engines/vllm_companions.py).
+    companion_waits: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

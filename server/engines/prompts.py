@@ -17,6 +17,24 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def stop_token_ids(tokenizer, path: str, model_config) -> frozenset[int]:
+    """The ids that end a reply: the generation config's and the model config's eos_token_id, and the tokenizer's."""
+    from transformers import GenerationConfig
+
+    try:
+        generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation_config = None
+    ids = set()
+    for source in (generation_config, model_config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
 def render_prompt(tokenizer, request: GenerationRequest) -> list[int]:
     """Token ids of the request's prompt: raw text as is, or messages through the model's chat template."""
     if request.messages:

@@ -40,7 +40,7 @@ from server.engines.base import (Engine, EngineInfo, EngineLoad, GenerationChunk
                                  Usage)
 from server.lockstep.guides import ModelLoader
 from server.strategies.registry import PlanResolver, availability
-from server.engines.prompts import check_reads, check_token_ids, load_tokenizer, prompt_token_ids
+from server.engines.prompts import check_reads, check_token_ids, load_tokenizer, prompt_token_ids, stop_token_ids
 from server.lockstep.host import LockstepHost
 from server.lockstep.runner import ModelRunner
 from server.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable
@@ -53,17 +53,6 @@ log = logging.getLogger(__name__)
 # batch of long prompts (reranking windows of 2-3k tokens) grows with rows × length².
 JOB_ROWS = 1024
 JOB_TOKENS = 16384
-
-def stop_token_ids(tokenizer, model_config, generation_config) -> frozenset[int]:
-    ids = set()
-    for source in (generation_config, model_config):
-        eos = getattr(source, "eos_token_id", None) if source is not None else None
-        if eos is not None:
-            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
-
 
 async def _whole_completion(events: asyncio.Queue, seed: int) -> GenerationChunk:
     """One sequence's chunks joined into one (its last chunk's finish reason and usage), reporting `seed`."""
@@ -177,19 +166,13 @@ class TransformersEngine(Engine):
         loaded.result()
 
     def _load(self, config: ChorusConfig | None) -> None:
-        from transformers import GenerationConfig
-
         model, group = self._spec, self._group
         if group.torch_threads:
             torch.set_num_threads(group.torch_threads)
         path = resolve_model_path(model.path)
         loader = ModelLoader(config.models if config else {model.name: model})
         hf_model = loader.load(model.name)
-        try:
-            generation_config = GenerationConfig.from_pretrained(path)
-        except OSError:
-            generation_config = None
-        self._eos = stop_token_ids(self.tokenizer, hf_model.config, generation_config)
+        self._eos = stop_token_ids(self.tokenizer, path, hf_model.config)
         self.max_model_len = model.max_model_len or min(hf_model.config.max_position_embeddings, 4096)
         self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len,
                                       config.models if config else {model.name: model})

@@ -16,6 +16,12 @@ Token-level strategies (contrastive, logit fusion, refusal steering) run inside 
 fusion logits processor (server/engines/vllm_fusion.py; the V1 or the Model Runner V2 adapter, whichever runner vLLM
 uses), which hosts the group's guide models on transformers in vLLM's engine-core process. A request's plan travels
 in `SamplingParams.extra_args`; its report comes back over the processor's report socket.
+
+With the group's `vllm_companions`, a plan's streams on the base model under other contexts run as companion requests
+in vLLM's own batch instead (server/engines/vllm_companions.py: vLLM's scheduler holds and rolls back the members
+of a request so that they sample together, the processor decides each token for all of them); the engine streams
+the group's tokens from the report socket with its own detokenizer, stop strings and end-of-sequence ids, and aborts
+every member when the request ends.
 """
 
 from __future__ import annotations
@@ -32,9 +38,13 @@ from server.config import ChorusConfig, GroupSpec, ModelSpec
 from server.engines.base import (Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, PhaseTimes,
                                  Usage)
 from server.strategies.registry import PlanResolver, availability
-from server.engines.prompts import check_reads, check_token_ids, load_tokenizer, prompt_token_ids
+from decoding.errors import InvalidArgument
+from decoding.text import IncrementalDetokenizer, StopStringMatcher
+from server.engines.prompts import check_reads, check_token_ids, load_tokenizer, prompt_token_ids, stop_token_ids
 from server.errors import ConfigError, DeadlineExceeded, FailedPrecondition, ResourceExhausted
 from server.models import resolve_model_path
+
+GANG_SCHEDULER = "server.engines.vllm_companions.GangScheduler"
 
 def check_engine_args(spec: ModelSpec) -> None:
     """Refuses a vLLM model whose `vllm:` arguments vLLM does not know, or when vLLM is not installed."""
@@ -56,13 +66,29 @@ def _finish_reason(completion) -> str:
 def guide_slots(group: GroupSpec, max_num_seqs: int) -> dict[str, int]:
     """KV slots per guide model in the fusion processor: a request takes at most one per guide on that model (none
     for a guide that is the base on the same prompt, whose logits are vLLM's own), plus one on the base model for
-    USCD's / STEER's extra context. vLLM may schedule max_num_seqs requests at once, all of them fused."""
+    USCD's / STEER's extra context. vLLM may schedule max_num_seqs requests at once, all of them fused. With
+    `vllm_companions`, the base's other contexts are vLLM requests: no slot, and no copy of the base, here."""
     per_request = collections.Counter()
     for guide in group.guides.values():
-        per_request[guide.model] += 1 if (guide.model != group.base or guide.system_prompt) else 0
+        if guide.model != group.base:
+            per_request[guide.model] += 1
+        elif guide.system_prompt and not group.vllm_companions:
+            per_request[guide.model] += 1
     if group.base in per_request:
         per_request[group.base] += 1
     return {model: max_num_seqs * n for model, n in per_request.items() if n}
+
+
+def _companion_engine_args(model: ModelSpec) -> dict:
+    """The engine arguments companion groups need (server/engines/vllm_companions.py), refusing conflicting ones."""
+    if model.vllm.get("scheduling_policy", "fcfs") != "fcfs":
+        raise ConfigError(f"models.{model.name}.vllm.scheduling_policy: vllm_companions needs 'fcfs'")
+    if model.vllm.get("async_scheduling"):
+        raise ConfigError(f"models.{model.name}.vllm.async_scheduling: vllm_companions needs vLLM's synchronous "
+                          "scheduler (the gang scheduler rolls back a member's sample before its next step)")
+    if model.vllm.get("scheduler_cls") not in (None, GANG_SCHEDULER):
+        raise ConfigError(f"models.{model.name}.vllm.scheduler_cls: vllm_companions runs its own ({GANG_SCHEDULER})")
+    return {"scheduler_cls": GANG_SCHEDULER, "async_scheduling": False}
 
 
 class VLLMEngine(Engine):
@@ -84,8 +110,15 @@ class VLLMEngine(Engine):
         engine_args = {"max_num_seqs": group.max_batch_size, **model.vllm}
         if model.max_model_len:
             engine_args["max_model_len"] = model.max_model_len
+        if group.vllm_companions:
+            engine_args.update(_companion_engine_args(model))
         vllm_config = AsyncEngineArgs(model=path, dtype=model.dtype, **engine_args).create_engine_config()
+        if group.vllm_companions and vllm_config.use_v2_model_runner:
+            raise ConfigError(f"groups.{group.name}.vllm_companions: needs vLLM's V1 model runner (the processor "
+                              "adapter that steps companion groups); set VLLM_USE_V2_MODEL_RUNNER=0")
         self.max_model_len = vllm_config.model_config.max_model_len
+        self._max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+        self._eos = stop_token_ids(self.tokenizer, path, vllm_config.model_config.hf_config)
         self.score_id_limit = vllm_config.model_config.max_logprobs
         models = config.models if config else {model.name: model}
         slots = guide_slots(group, vllm_config.scheduler_config.max_num_seqs)
@@ -129,15 +162,19 @@ class VLLMEngine(Engine):
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return prompt_token_ids(self.tokenizer, request, self.max_model_len)
 
-    def _plan(self, request: GenerationRequest, prompt_ids: list[int]) -> PlanSpec | None:
-        """The request's plan for the fusion logits processor; None for plain requests."""
+    def _plan(self, request: GenerationRequest, prompt_ids: list[int]) -> tuple[PlanSpec | None, list[int]]:
+        """The request's plan for the fusion logits processor (None for plain requests), and the plan streams that
+        run as companion requests (the base model on other contexts, with `vllm_companions`)."""
         spec = self._resolver.resolve(request, prompt_ids)
-        for stream in spec.streams if spec is not None else ():
-            if stream.model is not None and stream.model not in self._guide_models:
+        companions = []
+        for i, stream in enumerate(spec.streams if spec is not None else ()):
+            if self._group.vllm_companions and stream.model == self._spec.name:
+                companions.append(i)
+            elif stream.model is not None and stream.model not in self._guide_models:
                 raise FailedPrecondition(
                     f"on vLLM this strategy runs model {stream.model!r} as a guide on another context; declare a guide "
                     f"on model {stream.model!r} in the group's config so the fusion processor hosts a copy")
-        return spec
+        return spec, companions
 
     async def generate(self, request: GenerationRequest, **vllm_extra) -> AsyncIterator[GenerationChunk]:
         """`vllm_extra`: vLLM sampling knobs for strategies, e.g. logit_bias={token_id: bias} (refusal steering)."""
@@ -145,7 +182,11 @@ class VLLMEngine(Engine):
 
         prompt_ids = self.prompt_ids(request)
         seed = request.sampling.request_seed()
-        plan = self._plan(request, prompt_ids)
+        plan, companions = self._plan(request, prompt_ids)
+        if companions:
+            async for chunk in self._generate_group(request, prompt_ids, plan, companions, seed):
+                yield chunk
+            return
         key = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
         if plan is not None:
             vllm_extra["extra_args"] = {**vllm_extra.get("extra_args", {}), PLAN_ARG: encode_plan(plan), KEY_ARG: key}
@@ -182,6 +223,82 @@ class VLLMEngine(Engine):
             self._in_flight -= 1
             self._reports.discard(key)
             await stream.aclose()
+
+    async def _generate_group(self, request: GenerationRequest, prompt_ids: list[int], plan: PlanSpec,
+                              companions: list[int], seed: int) -> AsyncIterator[GenerationChunk]:
+        """A request whose plan streams `companions` run as companion requests: member 0 on the prompt, member
+        k + 1 on the context of stream companions[k]. The tokens come from the processor (one per position, the same
+        for every member); this end detokenizes them, matches stop strings and ends the group."""
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        from server.engines.vllm_companions import MEMBER_ARG
+        from server.engines.vllm_fusion import COMPANIONS_ARG, KEY_ARG, PLAN_ARG, CompanionGroup, encode_plan
+
+        sampling = request.sampling
+        contexts = [prompt_ids] + [list(plan.streams[i].ids) for i in companions]
+        size = len(contexts)
+        if size > self._max_num_seqs:
+            raise FailedPrecondition(f"this request runs {size} sequences in vLLM (its prompt and {size - 1} other "
+                                     f"contexts of the base model); vLLM schedules at most {self._max_num_seqs}")
+        for context in contexts:
+            # A member may sample one token past the request (a sample its group did not take, rolled back).
+            if len(context) + sampling.max_tokens + 1 > self.max_model_len:
+                raise InvalidArgument("sampling.max_tokens", f"a context of {len(context)} tokens + max_tokens "
+                                      f"({sampling.max_tokens}) + 1 exceeds the model's context of "
+                                      f"{self.max_model_len} tokens")
+        if self._in_flight >= self._max_in_flight:
+            raise ResourceExhausted(f"{self._in_flight} requests in flight (max_batch_size + max_waiting)")
+        key = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
+        group = CompanionGroup(streams={k + 1: i for k, i in enumerate(companions)}, sampling=sampling, seed=seed)
+        member_args = [{MEMBER_ARG: {"group": key, "index": k, "size": size}} for k in range(size)]
+        member_args[0].update({PLAN_ARG: encode_plan(plan), KEY_ARG: key, COMPANIONS_ARG: encode_plan(group)})
+        streams = [self._llm.generate(
+            {"prompt_token_ids": context},
+            VLLMSamplingParams(max_tokens=sampling.max_tokens + 1, temperature=0.0, ignore_eos=True, detokenize=False,
+                               output_kind=RequestOutputKind.DELTA, extra_args=args),
+            request_id=f"{key}-m{k}") for k, (context, args) in enumerate(zip(contexts, member_args))]
+        self._in_flight += 1
+        self._reports.open(key)
+        members = [asyncio.ensure_future(_drain(stream)) for stream in streams]
+        detokenizer = IncrementalDetokenizer(self.tokenizer.backend_tokenizer, prompt_ids)
+        stops = StopStringMatcher(sampling.stop)
+        generated: list[int] = []
+        try:
+            timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
+            async with asyncio.timeout(timeout):
+                while True:
+                    token = await _first_of(self._reports.token(key, len(generated)), members)
+                    generated.append(token)
+                    chunk = GenerationChunk(text="", token_ids=[token])
+                    if token in self._eos and not sampling.ignore_eos:
+                        chunk.text, chunk.finish_reason = stops.flush(), "stop"
+                    else:
+                        chunk.text, hit_stop = stops.push(detokenizer.push(token))
+                        if hit_stop:
+                            chunk.finish_reason = "stop"
+                        elif len(generated) >= sampling.max_tokens:
+                            chunk.text += stops.flush()
+                            chunk.finish_reason = "length"
+                    if chunk.finish_reason:
+                        records = await self._reports.collect(key, len(generated))
+                        passes = collections.Counter({self._spec.name: len(generated) * size})
+                        passes.update(records.forward_passes)
+                        chunk.report = records.report(plan)
+                        chunk.usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(generated),
+                                            forward_passes=dict(passes), companion_waits=self._reports.waits(key))
+                        chunk.seed = seed
+                        yield chunk
+                        return
+                    yield chunk
+        except TimeoutError:
+            raise DeadlineExceeded(f"deadline passed after {len(generated)} tokens") from None
+        finally:
+            self._in_flight -= 1
+            self._reports.discard(key)
+            for task in members:
+                task.cancel()
+            await asyncio.gather(*members, return_exceptions=True)  # each closes its stream: vLLM aborts the member
 
     # ---- whole-sequence building blocks (Engine) ----
 
@@ -254,6 +371,31 @@ class VLLMEngine(Engine):
     def shutdown(self) -> None:
         self._llm.shutdown()
         self._reports.close()
+
+
+async def _drain(stream) -> None:
+    """Consumes a member's outputs (its tokens are the group's, read from the processor); returns when vLLM
+    finishes the member, which only the engine should do: `_first_of` turns that into an error."""
+    try:
+        async for output in stream:
+            if output.finished:
+                return
+    finally:
+        await stream.aclose()
+
+
+async def _first_of(token, members: list[asyncio.Future]) -> int:
+    """The group's next token, unless a member ends first (vLLM ended it: context full, or an engine error)."""
+    waiting = asyncio.ensure_future(token)
+    try:
+        await asyncio.wait([waiting, *members], return_when=asyncio.FIRST_COMPLETED)
+        if waiting.done():
+            return waiting.result()
+        ended = next(m for m in members if m.done())
+        ended.result()  # an engine error surfaces as itself
+        raise RuntimeError("vLLM ended a companion group's member before the request ended")
+    finally:
+        waiting.cancel()
 
 
 def _phase_times(stats) -> PhaseTimes | None:

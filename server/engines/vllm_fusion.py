@@ -8,6 +8,8 @@ per-request bookkeeping:
     the GPU default since mid-2026. Requests are tracked by persistent slot; generated tokens are read from the
     runner's request state. It cannot run on the CPU build: tests drive it with the interface's own dataclasses.
 Only requests whose `SamplingParams.extra_args` carry a plan (PLAN_ARG) are hosted; the others pass through untouched.
+The V1 adapter also steps companion groups (server/engines/vllm_companions.py): the members of a request whose
+same-model streams run as vLLM requests; member 0 carries the plan and the group's sampling (COMPANIONS_ARG).
 
 The processors live in vLLM's engine-core process. Each fused step's record goes back to the engine (the AsyncLLM
 side) over a ZeroMQ PUSH socket (`ReportChannel`), keyed by the request's key (KEY_ARG); the engine rebuilds the
@@ -18,13 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import dataclasses
 import pickle
 import tempfile
 import uuid
+from typing import Callable
 
 import torch
 
 from decoding.plans import PlanSpec
+from decoding.sampling import SamplingParams, make_generator, sample
 from server.config import ModelSpec
 from server.lockstep.host import LockstepHost, ReportSink, StepRecords
 from server.lockstep.guides import ModelLoader
@@ -32,15 +38,33 @@ from server.lockstep.runner import ModelRunner
 
 PLAN_ARG = "chorus_plan"
 KEY_ARG = "chorus_key"
+COMPANIONS_ARG = "chorus_companions"  # member 0 of a companion group: encode_plan(CompanionGroup)
 CONFIG_KEY = "chorus_fusion"  # in vLLM's additional_config
 
 
-def encode_plan(spec: PlanSpec) -> str:
+def encode_plan(spec) -> str:
     return base64.b64encode(pickle.dumps(spec)).decode("ascii")
 
 
-def decode_plan(text: str) -> PlanSpec:
+def decode_plan(text: str):
     return pickle.loads(base64.b64decode(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompanionGroup:
+    """What member 0 of a companion group tells the processor: which plan stream each other member runs, and how
+    the group's tokens are drawn (the request's sampling and seed: the processor samples, every member follows)."""
+    streams: dict[int, int]  # member index → plan stream index
+    sampling: SamplingParams
+    seed: int
+
+
+@dataclasses.dataclass(eq=False)
+class _GroupState:
+    streams: dict[int, int]
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    waits: int = 0  # steps where some but not all members were rows (their samples are rolled back)
 
 
 def host_config(models: dict[str, ModelSpec], slots: dict[str, int], max_len: int, vocab_size: int,
@@ -65,11 +89,16 @@ def _host_from_vllm_config(vllm_config) -> LockstepHost | None:
 
 
 def _validate(params) -> None:
+    from server.engines.vllm_companions import check_member
+
     args = params.extra_args or {}
     if PLAN_ARG in args:
         if not isinstance(args.get(KEY_ARG), str):
             raise ValueError(f"extra_args[{PLAN_ARG!r}] needs a string extra_args[{KEY_ARG!r}]")
         decode_plan(args[PLAN_ARG])
+    check_member(params)
+    if COMPANIONS_ARG in args and not isinstance(decode_plan(args[COMPANIONS_ARG]), CompanionGroup):
+        raise ValueError(f"extra_args[{COMPANIONS_ARG!r}] is not a CompanionGroup")
 
 
 def _plan_of(params) -> tuple[str, PlanSpec] | None:
@@ -87,11 +116,19 @@ except ImportError:  # no vLLM installed: the transformers engine does not need 
 
 
 class FusionLogitsProcessor(_V1Base):
-    """V1 adapter: batch index → (request key, the request's live output-token list)."""
+    """V1 adapter: batch index → (request key, the request's live output-token list); batch index → companion
+    group member (group key, member index, live output-token list)."""
 
-    def __init__(self, vllm_config, device, is_pin_memory, host: LockstepHost | None = None):
+    # Sampling state of companion groups, kept while their members come and go from the batch (oldest dropped first).
+    KEPT_GROUPS = 65536
+
+    def __init__(self, vllm_config, device, is_pin_memory, host: LockstepHost | None = None,
+                 token_sink: TokenSink | None = None):
         self._host = host or _host_from_vllm_config(vllm_config)
+        self._token_sink = token_sink or (_zmq_token_sink(vllm_config) if self._host is not None else None)
         self._rows: dict[int, tuple[str, list[int]]] = {}
+        self._members: dict[int, tuple[str, int, list[int]]] = {}
+        self._groups: collections.OrderedDict[str, _GroupState] = collections.OrderedDict()
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -104,36 +141,105 @@ class FusionLogitsProcessor(_V1Base):
         """Processed in vLLM's order: removed, added, moved. A finished request is listed in `removed` only when its
         index stays empty: vLLM pops the index from `removed` when an added request takes it, or when condensing the
         batch moves a request into it (a one-way move onto it). Either way its guide slots are given back here."""
+        from server.engines.vllm_companions import member_of
+
         if batch_update is None:
             return
         for index in batch_update.removed:
             self._drop(index)
         for index, params, _prompt_ids, output_ids in batch_update.added:
             self._drop(index)
-            plan = _plan_of(params) if self._host is not None else None
+            if self._host is None:
+                continue
+            member = member_of(params)
+            if member is not None:
+                self._add_member(index, member, params, output_ids)
+                continue
+            plan = _plan_of(params)
             if plan is not None:
                 key, spec = plan
                 self._host.add(key, spec, generated=output_ids)
                 self._rows[index] = (key, output_ids)
         for a, b, direction in batch_update.moved:
-            row_a, row_b = self._rows.pop(a, None), self._rows.pop(b, None)
-            if row_a is not None:
-                self._rows[b] = row_a
-            if row_b is not None:
-                if direction == MoveDirectionality.SWAP:
-                    self._rows[a] = row_b
-                else:  # overwritten by the move: the request at b has finished
-                    self._host.remove(row_b[0])
+            for table in (self._rows, self._members):
+                row_a, row_b = table.pop(a, None), table.pop(b, None)
+                if row_a is not None:
+                    table[b] = row_a
+                if row_b is not None:
+                    if direction == MoveDirectionality.SWAP:
+                        table[a] = row_b
+                    else:  # overwritten by the move: the request at b has finished
+                        self._leave(table, row_b)
+
+    def _add_member(self, index: int, member: tuple[str, int, int], params, output_ids: list[int]) -> None:
+        group, number, _size = member
+        self._members[index] = (group, number, output_ids)
+        if number != 0:
+            return
+        _, spec = _plan_of(params)
+        companions: CompanionGroup = decode_plan(params.extra_args[COMPANIONS_ARG])
+        self._host.add(group, spec, generated=output_ids, external=list(companions.streams.values()))
+        if group not in self._groups:
+            self._groups[group] = _GroupState(
+                companions.streams, companions.sampling,
+                None if companions.sampling.greedy else make_generator(companions.seed))
+            while len(self._groups) > self.KEPT_GROUPS:
+                self._groups.popitem(last=False)
+        self._groups.move_to_end(group)
 
     def _drop(self, index: int) -> None:
-        row = self._rows.pop(index, None)
-        if row is not None:
+        for table in (self._rows, self._members):
+            row = table.pop(index, None)
+            if row is not None:
+                self._leave(table, row)
+
+    def _leave(self, table: dict, row: tuple) -> None:
+        if table is self._rows:
+            self._host.remove(row[0])
+        elif row[1] == 0:  # member 0 holds the group's plan in the host
             self._host.remove(row[0])
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self._rows:
             self._host.fuse(logits, [(key, index, output) for index, (key, output) in self._rows.items()])
+        if self._members:
+            self._step_groups(logits)
         return logits
+
+    def _step_groups(self, logits: torch.Tensor) -> None:
+        """Decides the next token of every group whose members are all rows of this step (see
+        server/engines/vllm_companions.py): the plan fuses member 0's row (the base on the prompt) with the other
+        members' rows (its external streams), the group's sampler draws the token, and every member's row becomes
+        one-hot on it. A group with only some members here waits (its members' samples are rolled back)."""
+        present: dict[str, dict[int, tuple[int, list[int]]]] = collections.defaultdict(dict)
+        for index, (group, number, output) in self._members.items():
+            present[group][number] = (index, output)
+        complete = []
+        for group, rows in present.items():
+            state = self._groups.get(group)
+            if state is None:
+                continue
+            generated = rows[0][1] if 0 in rows else None
+            # Members at different positions cannot happen after the scheduler's roll-backs; were it to, the group
+            # would wait like an incomplete one, and the scheduler would roll the ahead ones back.
+            if (generated is None or len(rows) < len(state.streams) + 1
+                    or any(len(output) != len(generated) for _, output in rows.values())):
+                state.waits += 1
+                continue
+            complete.append((group, state, rows))
+        if not complete:
+            return
+        scores = self._host.step(
+            [(group, rows[0][1]) for group, _, rows in complete], logits[[rows[0][0] for _, _, rows in complete]],
+            [{stream: logits[rows[number][0]] for number, stream in state.streams.items()}
+             for _, state, rows in complete])
+        tokens = sample(scores, [state.sampling for _, state, _ in complete],
+                        [state.generator for _, state, _ in complete]).tolist()
+        for (group, state, rows), token in zip(complete, tokens):
+            index = [i for i, _ in rows.values()]
+            logits[index] = float("-inf")
+            logits[index, token] = 0.0
+            self._token_sink(group, len(rows[0][1]), token, state.waits)
 
 
 class FusionLogitsProcessorV2(_V2Base):
@@ -185,18 +291,41 @@ class FusionLogitsProcessorV2(_V2Base):
         return logits
 
 
-def _zmq_sink(address: str) -> ReportSink:
+TokenSink = Callable[[str, int, int, int], None]
+"""(group key, position, the token the group takes there, the group's steps spent waiting for its members so far)."""
+
+
+def _report_socket(address: str):
     import zmq
 
     socket = zmq.Context.instance().socket(zmq.PUSH)
     socket.setsockopt(zmq.LINGER, 0)  # an engine core that exits does not wait on undelivered records
     socket.connect(address)
-    return lambda key, position, record, passes: socket.send_pyobj((key, position, record, passes))
+    return socket
+
+
+def _zmq_sink(address: str) -> ReportSink:
+    socket = _report_socket(address)
+    return lambda key, position, record, passes: socket.send_pyobj(("record", key, position, record, passes))
+
+
+def _zmq_token_sink(vllm_config) -> TokenSink:
+    socket = _report_socket(vllm_config.additional_config[CONFIG_KEY]["report_address"])
+    return lambda key, position, token, waits: socket.send_pyobj(("token", key, position, token, waits))
+
+
+@dataclasses.dataclass
+class _Received:
+    records: StepRecords = dataclasses.field(default_factory=StepRecords)
+    tokens: list[int] = dataclasses.field(default_factory=list)  # a companion group's tokens, in position order
+    waits: int = 0
+    arrived: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 class ReportChannel:
-    """The engine's end of the report socket: the step records of each hosted request, received on the engine's
-    event loop (zmq.asyncio, no thread of its own) from the moment a request is opened until it is discarded.
+    """The engine's end of the report socket: the step records of each hosted request, and the tokens of each
+    companion group, received on the engine's event loop (zmq.asyncio, no thread of its own) from the moment a
+    request is opened until it is discarded.
 
     A processor sends each step's record before it hands the step's logits back to vLLM, so a request's records have
     all been sent by the time its last token reaches the engine; `collect` waits for them to arrive (bounded by the
@@ -211,12 +340,12 @@ class ReportChannel:
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(self.address)
-        self._requests: dict[str, tuple[StepRecords, asyncio.Event]] = {}
+        self._requests: dict[str, _Received] = {}
         self._receiver: asyncio.Task | None = None
 
     def open(self, key: str) -> None:
         """Starts keeping the records of `key` (records of keys not open are dropped)."""
-        self._requests[key] = (StepRecords(), asyncio.Event())
+        self._requests[key] = _Received()
         if self._receiver is None:
             self._receiver = asyncio.get_running_loop().create_task(self._receive(), name="chorus-reports")
 
@@ -225,21 +354,38 @@ class ReportChannel:
 
         try:
             while True:
-                key, position, record, passes = await self._socket.recv_pyobj()
+                kind, key, position, *payload = await self._socket.recv_pyobj()
                 entry = self._requests.get(key)
-                if entry is not None:
-                    entry[0].add(position, record, passes)
-                    entry[1].set()
+                if entry is None:
+                    continue
+                if kind == "record":
+                    entry.records.add(position, *payload)
+                elif position == len(entry.tokens):  # a token: the group decides each position once
+                    entry.tokens.append(payload[0])
+                    entry.waits = payload[1]
+                entry.arrived.set()
         except (asyncio.CancelledError, zmq.ZMQError):
             return
 
     async def collect(self, key: str, steps: int) -> StepRecords:
         """The records of `key` once they cover `steps` positions."""
-        records, arrived = self._requests[key]
-        while records.steps < steps:
-            arrived.clear()
-            await arrived.wait()
-        return records
+        entry = self._requests[key]
+        while entry.records.steps < steps:
+            entry.arrived.clear()
+            await entry.arrived.wait()
+        return entry.records
+
+    async def token(self, key: str, position: int) -> int:
+        """The token companion group `key` takes at `position`, once it has arrived."""
+        entry = self._requests[key]
+        while len(entry.tokens) <= position:
+            entry.arrived.clear()
+            await entry.arrived.wait()
+        return entry.tokens[position]
+
+    def waits(self, key: str) -> int:
+        """Steps companion group `key` has spent waiting for its members (vLLM scheduled only some of them)."""
+        return self._requests[key].waits
 
     def discard(self, key: str) -> None:
         self._requests.pop(key, None)

@@ -2,17 +2,21 @@
 
 One host serves both engines, keyed by an opaque request key:
   - the transformers engine hosts the base model too: a request's base stream is the base model on its prompt;
-  - the vLLM logits processors host the guide models only: the base's logits are vLLM's, handed in per row.
+  - the vLLM logits processors host the guide models only: the base's logits are vLLM's, handed in per row, and so
+    are the logits of the streams that run as vLLM companion requests (`external`: the base model on another
+    context as rows of vLLM's own batch, server/engines/vllm_companions.py).
 
-    add(key, spec, base_context=None, generated=(), prefill_now=True)
+    add(key, spec, base_context=None, generated=(), prefill_now=True, external=())
         open the request's streams (one KV slot each) and prefill them with their contexts (plus `generated`, when a
-        preempted vLLM request comes back); with `base_context`, a base stream on the host's base model too
+        preempted vLLM request comes back); with `base_context`, a base stream on the host's base model too; the
+        plan streams listed in `external` take no slot: the caller hands in their logits at every step
     prefill(budget) -> ready keys
         with prefill_now=False, the contexts are fed in chunks instead, at most `budget` tokens a call, the chunks
         of all newcomers in one forward per model, so a long prompt never stalls the running sequences for long
-    step([(key, generated), ...], base_logits=None) -> scores [N, V]
+    step([(key, generated), ...], base_logits=None, external_logits=None) -> scores [N, V]
         for each request, the plan's fused next-token scores after `generated` (a forced token is one-hot: 0 on it,
-        −inf elsewhere); `base_logits` [N, ≥V] are the caller's base rows for requests without a base stream
+        −inf elsewhere); `base_logits` [N, ≥V] are the caller's base rows for requests without a base stream,
+        `external_logits[i][j]` the row of plan stream j of request i when that stream is external
     fuse(logits, [(key, row, generated), ...])
         the same, written into the rows of vLLM's logits in place
     remove(key)
@@ -81,15 +85,23 @@ class _Stream:
 
 
 @dataclasses.dataclass(eq=False)
+class _ExternalStream:
+    """A plan stream the caller runs (a vLLM companion request): no slot here, its logits handed in each step."""
+    model: str
+    logits: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(eq=False)
 class _Request:
     plan: Plan | None
     base: _Stream | None  # None: the caller hands in the base's logits
-    # Per plan stream: its own stream, or None where the plan reuses the base's logits (the base on the prompt).
-    streams: list[_Stream | None]
+    # Per plan stream: its own stream, or None where the plan reuses the base's logits (the base on the prompt), or
+    # an external one the caller runs.
+    streams: list[_Stream | _ExternalStream | None]
     forward_passes: collections.Counter
 
     def own_streams(self) -> list[_Stream]:
-        return [s for s in (self.base, *self.streams) if s is not None]
+        return [s for s in (self.base, *self.streams) if isinstance(s, _Stream)]
 
 
 class LockstepHost:
@@ -113,10 +125,12 @@ class LockstepHost:
 
     # ---- capacity ----
 
-    def slots_needed(self, spec: PlanSpec | None, with_base: bool) -> collections.Counter:
-        """KV slots per model a request takes: its base stream (`with_base`) and each stream on a model."""
+    def slots_needed(self, spec: PlanSpec | None, with_base: bool, external: Sequence[int] = ()) -> collections.Counter:
+        """KV slots per model a request takes: its base stream (`with_base`) and each stream on a model that is not
+        `external`."""
         need = collections.Counter([self.base_model] if with_base else [])
-        need.update(s.model for s in (spec.streams if spec else ()) if s.model is not None)
+        need.update(s.model for i, s in enumerate(spec.streams if spec else ())
+                    if s.model is not None and i not in external)
         return need
 
     def unservable(self, need: collections.Counter) -> str | None:
@@ -135,10 +149,11 @@ class LockstepHost:
     # ---- requests ----
 
     def add(self, key: str, spec: PlanSpec | None, *, base_context: Sequence[int] | None = None,
-            generated: Sequence[int] = (), prefill_now: bool = True) -> None:
+            generated: Sequence[int] = (), prefill_now: bool = True, external: Sequence[int] = ()) -> None:
         """Opens the request's streams and prefills them now, or with `prefill_now=False` in chunks over later
-        `prefill` calls (the request is stepped only once `prefill` has reported it ready)."""
-        need = self.slots_needed(spec, with_base=base_context is not None)
+        `prefill` calls (the request is stepped only once `prefill` has reported it ready). The plan streams in
+        `external` are the caller's: `step` reads their logits from its `external_logits`."""
+        need = self.slots_needed(spec, with_base=base_context is not None, external=external)
         why = self.unservable(need)
         if why is None and not self.fits(need):
             why = "; ".join(f"model {n!r} has {self.runners[n].free_slots} free KV slots, the request needs {k}"
@@ -155,6 +170,9 @@ class LockstepHost:
             request.base = self._open(request, self.base_model, base_context, generated, prefill_now,
                                       lazy=plan is not None and not plan.needs_base(position))
         for i, stream in enumerate(spec.streams if spec else ()):
+            if i in external:
+                request.streams.append(_ExternalStream(stream.model))
+                continue
             request.streams.append(None if stream.model is None else
                                    self._open(request, stream.model, stream.ids, generated, prefill_now,
                                               lazy=i not in first))
@@ -230,10 +248,16 @@ class LockstepHost:
 
     # ---- stepping ----
 
-    def step(self, rows: Sequence[tuple[str, Sequence[int]]], base_logits: torch.Tensor | None = None
-             ) -> torch.Tensor:
+    def step(self, rows: Sequence[tuple[str, Sequence[int]]], base_logits: torch.Tensor | None = None,
+             external_logits: Sequence[dict[int, torch.Tensor]] | None = None) -> torch.Tensor:
         """Fused scores [len(rows), V] (float32) for each (key, generated tokens so far); see the module docstring."""
         requests = [self._requests[key] for key, _ in rows]
+        for i, request in enumerate(requests):
+            for j, stream in enumerate(request.streams):
+                if isinstance(stream, _ExternalStream):
+                    if external_logits is None or j not in external_logits[i]:
+                        raise ValueError(f"request {rows[i][0]!r}: no logits handed in for its external stream {j}")
+                    stream.logits = external_logits[i][j][:self.vocab_size].float()
         positions = [len(generated) for _, generated in rows]
         needed = [self._needed(request, position) for request, position in zip(requests, positions)]
         self._feed([(request, stream, generated) for request, streams, (_, generated) in zip(requests, needed, rows)
@@ -279,7 +303,7 @@ class LockstepHost:
         plan = request.plan
         needed = [request.base] if request.base is not None and (plan is None or plan.needs_base(position)) else []
         if plan is not None:
-            needed += [request.streams[i] for i in plan.streams_at(position) if request.streams[i] is not None]
+            needed += [request.streams[i] for i in plan.streams_at(position) if isinstance(request.streams[i], _Stream)]
         return needed
 
     def _feed(self, work: list[tuple[_Request, _Stream, Sequence[int]]]) -> None:

