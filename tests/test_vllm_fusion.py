@@ -39,11 +39,12 @@ def params_with_plan(key):
 
 class RecordingHost:
     def __init__(self):
-        self.live, self.fused = {}, []
+        self.live, self.fused, self.external = {}, [], {}
 
-    def add(self, key, spec, *, generated=()):
+    def add(self, key, spec, *, generated=(), external=()):
         assert key not in self.live
         self.live[key] = list(generated)
+        self.external[key] = list(external)
 
     def remove(self, key):
         del self.live[key]
@@ -103,6 +104,64 @@ def test_v1_a_finished_request_whose_index_a_move_fills_gives_back_its_slots():
     proc.update_state(batch_update)
     proc.apply(torch.zeros(2, 8))
     assert host.fused[-1] == [("b", 1), ("c", 0)] and set(host.live) == {"b", "c"}
+
+
+class GroupHost(RecordingHost):
+    """Steps companion groups: the fused scores are member 0's row plus its external streams' rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.stepped = []
+
+    def step(self, rows, base_logits, external_logits):
+        self.stepped.append([(key, list(generated)) for key, generated in rows])
+        return torch.stack([base + sum(external.values()) for base, external in zip(base_logits, external_logits)])
+
+
+def member_params(group, index, size, streams=None, temperature=0.0, seed=0):
+    from decoding.sampling import SamplingParams as ChorusSampling
+    from server.engines.vllm_companions import MEMBER_ARG
+    from server.engines.vllm_fusion import COMPANIONS_ARG, CompanionGroup
+
+    args = {MEMBER_ARG: {"group": group, "index": index, "size": size}}
+    if index == 0:
+        args.update({PLAN_ARG: encode_plan(SPEC), KEY_ARG: group, COMPANIONS_ARG: encode_plan(
+            CompanionGroup(streams=streams, sampling=ChorusSampling(temperature=temperature), seed=seed))})
+    return SamplingParams(extra_args=args)
+
+
+def test_v1_companion_groups_decide_only_with_every_member_in_the_step():
+    host, tokens = GroupHost(), []
+    proc = FusionLogitsProcessor(None, "cpu", False, host=host, token_sink=lambda *a: tokens.append(a))
+    outputs = [[], [], []]
+    # Group g: member 0 (the prompt) and members 1, 2 (plan streams 1 and 0); a plain request at index 1.
+    proc.update_state(update(3, added=[(0, member_params("g", 0, 3, {1: 1, 2: 0}), [1], outputs[0]),
+                                       (1, SamplingParams(), [1], []),
+                                       (2, member_params("g", 2, 3), [1], outputs[2])]))
+    assert host.external["g"] == [1, 0]
+    logits = torch.randn(3, 8)
+    before = logits.clone()
+    proc.apply(logits)
+    assert torch.equal(logits, before) and tokens == [] and host.stepped == []  # member 1 is not in the step: wait
+    proc.update_state(update(4, added=[(3, member_params("g", 1, 3), [1], outputs[1])]))
+    logits = torch.randn(4, 8)
+    want = int((logits[0] + logits[3] + logits[2]).argmax())
+    proc.apply(logits)
+    assert host.stepped[-1] == [("g", [])]
+    for row in (0, 2, 3):  # every member's row is one-hot on the group's token; the plain row is untouched
+        assert int(logits[row].argmax()) == want and torch.isinf(logits[row]).sum() == 7
+    assert not torch.isinf(logits[1]).any()
+    assert tokens == [("g", 0, want, 1)]  # (group, position, token, waits so far)
+    for output in outputs:
+        output.append(want)
+    outputs[2].append(5)  # a member ahead of the others (never after the scheduler's roll-back): the group waits
+    proc.apply(torch.randn(4, 8))
+    assert len(tokens) == 1 and len(host.stepped) == 1
+    outputs[2].pop()
+    proc.apply(torch.randn(4, 8))
+    assert [t[1] for t in tokens] == [0, 1] and host.stepped[-1] == [("g", [want])]
+    proc.update_state(update(3, removed=[0]))  # member 0 leaves the batch: the host parks the group's plan
+    assert "g" not in host.live
 
 
 def v2_state(max_reqs=4, max_len=64):
@@ -228,3 +287,32 @@ def test_lockstep_host_steps_only_the_requests_in_the_batch(lockstep_host, token
         assert reports[key].steps == steps
         host.remove(key)
     assert all(r.free_slots == 8 for r in host.runners.values())
+
+
+def test_host_external_streams_take_no_slot_and_fuse_the_logits_handed_in(lockstep_host, tokenizer):
+    """A plan stream run elsewhere (a vLLM companion request) fuses exactly like the host's own stream on the same
+    context: USCD's lame-prompt stream hosted on the base model, and the same stream handed in as logits."""
+    base_model, host, _ = lockstep_host
+    req = request("uscd", QUESTIONS[0], steps=4)
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": req.messages[0].content}], add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False)
+    spec = PlanResolver(GROUP, tokenizer, 256, LOCAL_CONFIG.models).resolve(req, prompt)
+    assert [s.model for s in spec.streams] == [BASE]
+    assert host.slots_needed(spec, with_base=False, external=[0]) == collections.Counter()
+    free = host.runners[BASE].free_slots
+    host.add("hosted", spec)
+    host.add("external", spec, external=[0])
+    assert host.runners[BASE].free_slots == free - 1  # only the hosted request's stream took a slot
+    try:
+        with torch.no_grad():
+            base = base_model(torch.tensor([prompt])).logits[0, -1]
+        with pytest.raises(ValueError, match="external stream 0"):
+            host.step([("external", [])], base[None])
+        hosted = host.step([("hosted", [])], base[None])
+        lame = host._requests["hosted"].streams[0].logits  # what the host's own stream computed
+        assert torch.equal(host.step([("external", [])], base[None], [{0: lame}]), hosted)
+        assert not torch.equal(host.step([("external", [])], base[None], [{0: base}]), hosted)
+    finally:
+        host.remove("hosted", park=False)
+        host.remove("external", park=False)

@@ -125,7 +125,8 @@ class FusionLogitsProcessor(_V1Base):
     def __init__(self, vllm_config, device, is_pin_memory, host: LockstepHost | None = None,
                  token_sink: TokenSink | None = None):
         self._host = host or _host_from_vllm_config(vllm_config)
-        self._token_sink = token_sink or (_zmq_token_sink(vllm_config) if self._host is not None else None)
+        self._vllm_config = vllm_config
+        self._token_sink = token_sink  # made at the first companion group's first token, when not given
         self._rows: dict[int, tuple[str, list[int]]] = {}
         self._members: dict[int, tuple[str, int, list[int]]] = {}
         self._groups: collections.OrderedDict[str, _GroupState] = collections.OrderedDict()
@@ -235,6 +236,8 @@ class FusionLogitsProcessor(_V1Base):
              for _, state, rows in complete])
         tokens = sample(scores, [state.sampling for _, state, _ in complete],
                         [state.generator for _, state, _ in complete]).tolist()
+        if self._token_sink is None:
+            self._token_sink = _zmq_token_sink(self._vllm_config)
         for (group, state, rows), token in zip(complete, tokens):
             index = [i for i, _ in rows.values()]
             logits[index] = float("-inf")
