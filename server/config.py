@@ -319,6 +319,8 @@ def parse_chorus_config(args: dict) -> ChorusConfig:
                               f"step always has room for prompt tokens, got {group.max_step_tokens}")
         for guide in group.guides.values():
             _check_guide(where, guide, models, group.base)
+        if not isinstance(group.vllm_companions, bool):
+            raise ConfigError(f"{where}.vllm_companions: true or false, got {group.vllm_companions!r}")
         if group.vllm_companions and models[group.base].engine != "vllm":
             raise ConfigError(f"{where}.vllm_companions: companion requests need a vLLM base; "
                               f"{group.base!r} runs on {models[group.base].engine!r}")

@@ -26,7 +26,7 @@ from chorus.v1 import decoding_pb2 as pb
 from chorus.v1 import decoding_pb2_grpc as pb_grpc
 from decoding.errors import InvalidArgument
 from decoding.sampling import SamplingParams
-from server.config import ChorusConfig, LimitsSpec
+from server.config import ChorusConfig, GroupSpec, LimitsSpec
 from server.engines.base import GenerationChunk, GenerationRequest
 from server.errors import NotFound, ResourceExhausted, status_code_name
 from server.metrics import FrontendMetrics
@@ -208,6 +208,13 @@ def _field_details(error: Exception, message: str) -> tuple[tuple[str, bytes], .
     return tuple(rpc_status.to_status(status).trailing_metadata)
 
 
+def other_contexts(config: ChorusConfig, group: GroupSpec) -> str:
+    """Where a group's strategies run its base model on other contexts (ModelInfo.other_contexts)."""
+    if config.models[group.base].engine != "vllm":
+        return "rows"
+    return "vllm companions" if group.vllm_companions else "transformers copy"
+
+
 def _usage_proto(chunk: GenerationChunk) -> pb.Usage:
     return pb.Usage(prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens,
                     forward_passes=chunk.usage.forward_passes, companion_waits=chunk.usage.companion_waits)
@@ -368,7 +375,8 @@ class DecodingService(pb_grpc.DecodingServicer):
                     pb.StrategySupport(strategy=s, available=support.get(s, NOT_BUILT) is None,
                                        reason=support.get(s, NOT_BUILT) or "")
                     for s in (*STRATEGIES, "rerank")],
-                running_requests=entry["running"], waiting_requests=entry["waiting"], replicas=entry["replicas"]))
+                running_requests=entry["running"], waiting_requests=entry["waiting"], replicas=entry["replicas"],
+                other_contexts=other_contexts(self._config, self._config.groups[entry["group"]])))
             group = self._config.groups[entry["group"]]
             for guide in group.guides.values():
                 models.append(pb.ModelInfo(

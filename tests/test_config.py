@@ -179,3 +179,23 @@ def test_a_drain_longer_than_serve_waits_for_the_front_end_is_refused(tmp_path):
     next(d for d in app["deployments"] if d["name"] == "frontend")["graceful_shutdown_timeout_s"] = 40
     path.write_text(yaml.safe_dump(raw))
     assert load_deploy_file(path).chorus.frontend.drain_grace_s == 25
+
+
+def test_where_a_group_runs_its_base_on_other_contexts():
+    import dataclasses
+
+    from server.service import other_contexts
+
+    local = load_deploy_file(ROOT / "deploy" / "local.yaml").chorus
+    assert other_contexts(local, next(iter(local.groups.values()))) == "rows"
+    on_vllm = load_deploy_file(ROOT / "deploy" / "local-vllm.yaml").chorus
+    group = next(iter(on_vllm.groups.values()))
+    assert {other_contexts(on_vllm, dataclasses.replace(group, vllm_companions=c)) for c in (False, True)} == {
+        "transformers copy", "vllm companions"}
+
+
+def test_vllm_companions_need_a_vllm_base():
+    args = {"models": {"m": {"path": "x", "engine": "transformers"}},
+            "groups": {"g": {"base": "m", "vllm_companions": True}}}
+    with pytest.raises(ConfigError, match="groups.g.vllm_companions: companion requests need a vLLM base"):
+        parse_chorus_config(args)

@@ -206,6 +206,7 @@ def test_list_models(stub):
     assert [m.name for m in models] == ["smollm2-135m-instruct", "exit8", "self", "concise", "french"]
     model = models[0]
     assert model.is_default and model.role == "base" and model.engine == "transformers"
+    assert model.other_contexts == "rows"
     assert model.max_model_len == 2048
     assert not any(m.is_default for m in models[1:])
 
