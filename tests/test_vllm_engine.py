@@ -31,12 +31,14 @@ VLLM_LOOP = asyncio.new_event_loop()
 def engine(model_path):
     """One vLLM engine for the module (it takes ~40 s to start): deploy/local-vllm.yaml's group, its guides hosted
     by the fusion logits processor, every model's context cut to 512 tokens (what the naive reference recomputes),
-    12 sequences a step. Plain requests and the building blocks pass through the fusion processor untouched."""
+    12 sequences a step. Plain requests and the building blocks pass through the fusion processor untouched. The
+    base's other contexts run on the processor's transformers copy of the base (`vllm_companions` off: the
+    companion path has its own module, tests/test_vllm_companions.py)."""
     from server.engines.vllm_engine import VLLMEngine
 
     models = {n: dataclasses.replace(m, max_model_len=REFERENCE_MAX_LEN) for n, m in CONFIG.models.items()}
     [group] = CONFIG.groups.values()
-    engine = VLLMEngine(models[group.base], dataclasses.replace(group, max_batch_size=12),
+    engine = VLLMEngine(models[group.base], dataclasses.replace(group, max_batch_size=12, vllm_companions=False),
                         dataclasses.replace(CONFIG, models=models))
     yield engine
     engine.shutdown()

@@ -14,8 +14,8 @@ each `schedule()`), with two mechanisms vLLM offers:
   - hold: a running member ready to decode is skipped for one step (`next_decode_eligible_step`, as vLLM's own
     diffusion scheduler does) unless every member of its group is ready to decode: a group decodes all together or
     not at all. While no member is ready (all are prefilling, or waiting to be admitted), one of them is held back,
-    so that a step never holds every member while one of them is only a partial prefill chunk (whose logits the
-    processor cannot tell apart from a complete one).
+    so that no step has every member in it while one of them is only a partial prefill chunk (whose logits the
+    processor cannot tell apart from a complete one's).
   - roll back: a member that sampled without its whole group (its prefill completed alone, or vLLM preempted or did
     not schedule a sibling) has a token the processor did not decide. Before the next step it is taken back: the
     token leaves the request's output and the position before it is computed again (vLLM's model runner truncates its
@@ -29,6 +29,7 @@ Liveness: a group's waiting members are admitted all in the same step or not yet
 groups never hold sequence slots waiting for siblings that cannot get one; and when a step schedules nothing while
 groups are held (their missing members cannot get KV blocks), the latest held group is preempted whole.
 
+Written against vLLM 0.32's V1 scheduler: the roll-back edits a Request's token lists, which are vLLM internals.
 Requirements, checked by the engine: vLLM's synchronous scheduler (no async scheduling: it would sample a member's
 next token before the roll-back) with the FCFS policy, and the V1 model runner (the processor adapter that tracks
 member rows). Members never stop on their own (`ignore_eos`, no stop strings, max_tokens one above the request's),

@@ -41,6 +41,7 @@ CONFIG = "deploy/local-vllm.yaml"
 def test_list_models_reports_vllm(stub):
     model = stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]
     assert (model.name, model.engine, model.max_model_len) == ("smollm2-135m-instruct", "vllm", 1024)
+    assert model.other_contexts == "vllm companions"
 
 
 # Collected last: when guide slots leak, the fusion processor's engine core dies, and every later test would fail too.
