@@ -249,7 +249,7 @@ def rerank_rows(out: Path, data: Path) -> list[dict]:
 
     found = [(name, json.loads((out / f"{name}.json").read_text())) for name in RERANK_REPORTS
              if (out / f"{name}.json").exists()]
-    if not found:
+    if not found or not (data / "dl20").is_dir():  # no DL20 in this data folder: no reranking rows
         return []
     runs, qrels = load_dl20(data / "dl20")
     rows = []

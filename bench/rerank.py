@@ -84,8 +84,14 @@ class QueryLog:
         self.path, self.settings = path, settings
         self.kept: dict[tuple[str, str], dict] = {}
         if resume and path.exists():
-            for line in path.read_text().splitlines():
-                entry = json.loads(line)
+            lines = path.read_text().splitlines()
+            for number, line in enumerate(lines):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    if number == len(lines) - 1:  # the line a stopped run was writing: that query runs again
+                        break
+                    raise
                 if entry["settings"] != settings:
                     raise SystemExit(f"--resume: {path} holds queries measured under {entry['settings']}, not "
                                      f"{settings}; pass the same settings, or another --name")
@@ -117,6 +123,7 @@ async def rerank_queries(reranker, runs: list[dict], mode: str, args, in_flight:
         kept = log.get(mode, qid(run)) if log else None
         if kept is not None:
             resumed += 1
+            done += 1
             return kept
         async with gate:
             started = time.perf_counter()
@@ -157,8 +164,8 @@ async def bench(args, progress: Progress) -> dict:
               "window_size": args.window_size, "stride": args.stride, "queries": args.queries,
               "generate_queries": args.generate_queries, "throughput_queries": args.throughput_queries}
     settings = {key: report[key] for key in ("config", "model", "max_model_len", "window_size", "stride")}
-    log = QueryLog(args.out / f"{args.name}.queries.jsonl", settings, args.resume)
     try:
+        log = QueryLog(args.out / f"{args.name}.queries.jsonl", settings, args.resume)
         reranker = Reranker(engine, group)
         if reranker.unavailable:
             raise SystemExit(reranker.unavailable)

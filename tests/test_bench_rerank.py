@@ -63,6 +63,9 @@ def test_query_log_resumes_only_the_missing_queries(tmp_path):
     assert again.ran == ["q2", "q0"]  # another mode is another entry
     assert len(path.read_text().splitlines()) == 4
 
+    with path.open("a") as log:  # a stopped run's half-written last line: that query runs again
+        log.write('{"settings": {"config"')
+    assert len(QueryLog(path, settings, resume=True).kept) == 4
     with pytest.raises(SystemExit, match="other --name"):
         QueryLog(path, settings | {"stride": 2}, resume=True)
     QueryLog(path, settings, resume=False)  # a fresh run starts an empty log

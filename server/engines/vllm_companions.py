@@ -25,9 +25,12 @@ Each roll-back costs the member one wasted row; none changes a decided token, so
 reference however vLLM admits, chunks or preempts the members. The processor counts the steps where a group was
 incomplete; the response's usage reports them (`companion_waits`).
 
-Liveness: a group's waiting members are admitted all in the same step or not yet (groups in arrival order), so
-groups never hold sequence slots waiting for siblings that cannot get one; and when a step schedules nothing while
-groups are held (their missing members cannot get KV blocks), the latest held group is preempted whole.
+Liveness: a group's waiting members are admitted all in the same step, once every member has arrived, or not yet
+(groups in arrival order, no group overtaking another), so groups do not hold sequence slots waiting for siblings
+that cannot get one; and when a step schedules nothing while a group's running members wait for queued siblings
+(their KV blocks are held by other waiting groups), the latest such group is preempted whole and queued again at the
+back. Not guaranteed: plain requests behind a group that does not fit may take the slots it waits for (it is
+admitted once enough are free), and members kept out of a step go back to the front of the queue.
 
 Written against vLLM 0.32's V1 scheduler: the roll-back edits a Request's token lists, which are vLLM internals.
 Requirements, checked by the engine: vLLM's synchronous scheduler (no async scheduling: it would sample a member's
@@ -41,11 +44,12 @@ from __future__ import annotations
 import time
 
 try:
+    from vllm.v1.core.sched.interface import PauseState
     from vllm.v1.core.sched.scheduler import Scheduler as _Scheduler
     from vllm.v1.request import RequestStatus
 except ImportError:  # no vLLM installed: the transformers engine does not need the scheduler
     _Scheduler = object
-    RequestStatus = None
+    PauseState = RequestStatus = None
 
 MEMBER_ARG = "chorus_member"  # in SamplingParams.extra_args: {"group": key, "index": i, "size": n}
 
@@ -92,7 +96,7 @@ class GangScheduler(_Scheduler):
     def schedule(self, *args, **kwargs):
         deferred: dict[str, tuple] = {}  # request id → (its queue, request): kept out of this step's admissions
         free = self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input
-        held_groups = []
+        starved = []  # complete groups with members running (held) and members queued
         for group in list(self._groups):
             members = [r for r in self._groups[group].values() if r.request_id in self.requests]
             if not members:
@@ -101,22 +105,26 @@ class GangScheduler(_Scheduler):
             complete = len(members) == self._sizes[group]
             for queue, request in self._align(members, complete):
                 deferred[request.request_id] = (queue, request)
-            # Admit a group's queued members all in one step or not yet (groups in arrival order, no overtaking):
-            # members admitted apart would hold sequence slots waiting for siblings that cannot get one.
+            # Admit a group's queued members all in one step, once all of them have arrived (groups in arrival
+            # order, no overtaking): members admitted apart would hold sequence slots waiting for their siblings.
             queued = [(q, r) for r in members if r.status != RequestStatus.RUNNING and (q := self._queue_of(r))]
-            if len(queued) <= free:
+            if complete and len(queued) <= free:
                 free -= len(queued)
             else:
                 deferred.update((r.request_id, (q, r)) for q, r in queued)
-                free = 0
-            if any(r.status == RequestStatus.RUNNING for r in members) and not self._all_ready(members, complete):
-                held_groups.append(members)
-        if self._stalled and held_groups:
-            # Nothing ran last step while groups waited for members that cannot be admitted (their KV blocks are
-            # held by the waiting groups): the latest such group gives its blocks back and is admitted again later.
-            for request in [r for r in held_groups[-1] if r.status == RequestStatus.RUNNING]:
+                free = 0 if complete else free
+            if complete and queued and len(queued) < len(members):
+                starved.append(members)
+        if self._stalled and starved and self._pause_state == PauseState.UNPAUSED:
+            # Nothing ran last step while a group's running members waited for queued siblings that cannot be
+            # admitted (KV blocks held by waiting groups): the latest such group gives its blocks back, and its
+            # members queue again at the back, not admitted in this step.
+            for request in [r for r in starved[-1] if r.status == RequestStatus.RUNNING]:
                 self.running.remove(request)
                 self._preempt_request(request, time.monotonic())
+                self.waiting.remove_request(request)
+                self.waiting.add_request(request)
+                deferred[request.request_id] = (self.waiting, request)
         for queue, request in deferred.values():
             queue.remove_request(request)
         try:
@@ -124,7 +132,7 @@ class GangScheduler(_Scheduler):
         finally:
             for queue, request in reversed(deferred.values()):
                 queue.prepend_request(request)
-        self._stalled = output.total_num_scheduled_tokens == 0 and bool(held_groups)
+        self._stalled = output.total_num_scheduled_tokens == 0 and bool(starved)
         return output
 
     @staticmethod

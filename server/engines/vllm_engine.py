@@ -134,6 +134,7 @@ class VLLMEngine(Engine):
         self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len, models)
         self._max_in_flight = group.max_batch_size + group.max_waiting
         self._in_flight = 0
+        self._companion_members = 0  # vLLM requests of companion groups beyond one per request
 
     def info(self) -> EngineInfo:
         return EngineInfo(engine="vllm", device=self._spec.device, dtype=self._spec.dtype,
@@ -143,7 +144,7 @@ class VLLMEngine(Engine):
         return availability(self._group)
 
     def load(self) -> EngineLoad:
-        unfinished = self._llm.get_num_unfinished_requests()
+        unfinished = self._llm.get_num_unfinished_requests() - self._companion_members  # requests, not members
         return EngineLoad(running=unfinished, waiting=max(0, self._in_flight - unfinished),
                           kv_cache_usage=_vllm_gauge("vllm:kv_cache_usage_perc"))
 
@@ -259,6 +260,7 @@ class VLLMEngine(Engine):
                                output_kind=RequestOutputKind.DELTA, extra_args=args),
             request_id=f"{key}-m{k}") for k, (context, args) in enumerate(zip(contexts, member_args))]
         self._in_flight += 1
+        self._companion_members += size - 1
         self._reports.open(key)
         members = [asyncio.ensure_future(_drain(stream)) for stream in streams]
         detokenizer = IncrementalDetokenizer(self.tokenizer.backend_tokenizer, prompt_ids)
@@ -299,6 +301,7 @@ class VLLMEngine(Engine):
             for task in members:
                 task.cancel()
             await asyncio.gather(*members, return_exceptions=True)  # each closes its stream: vLLM aborts the member
+            self._companion_members -= size - 1
 
     # ---- whole-sequence building blocks (Engine) ----
 
@@ -384,16 +387,23 @@ async def _drain(stream) -> None:
         await stream.aclose()
 
 
+# How long the group's next token may still arrive after vLLM has ended a member (a member ends one step after the
+# request's last token at the earliest; the token and the end come over different sockets).
+TOKEN_AFTER_MEMBER_END_S = 5.0
+
+
 async def _first_of(token, members: list[asyncio.Future]) -> int:
-    """The group's next token, unless a member ends first (vLLM ended it: context full, or an engine error)."""
+    """The group's next token, unless a member ends without it (vLLM ended it: context full, or an engine error)."""
     waiting = asyncio.ensure_future(token)
     try:
         await asyncio.wait([waiting, *members], return_when=asyncio.FIRST_COMPLETED)
-        if waiting.done():
-            return waiting.result()
-        ended = next(m for m in members if m.done())
-        ended.result()  # an engine error surfaces as itself
-        raise RuntimeError("vLLM ended a companion group's member before the request ended")
+        if not waiting.done():
+            next(m for m in members if m.done()).result()  # an engine error surfaces as itself
+            try:
+                await asyncio.wait_for(asyncio.shield(waiting), TOKEN_AFTER_MEMBER_END_S)
+            except TimeoutError:
+                raise RuntimeError("vLLM ended a companion group's member before the request ended") from None
+        return waiting.result()
     finally:
         waiting.cancel()
 

@@ -63,7 +63,8 @@ class CompanionGroup:
 class _GroupState:
     streams: dict[int, int]
     sampling: SamplingParams
-    generator: torch.Generator | None
+    seed: int
+    generator: torch.Generator | None = None  # made on the logits' device at the first sampled token
     waits: int = 0  # steps where some but not all members were rows (their samples are rolled back)
 
 
@@ -119,8 +120,9 @@ class FusionLogitsProcessor(_V1Base):
     """V1 adapter: batch index → (request key, the request's live output-token list); batch index → companion
     group member (group key, member index, live output-token list)."""
 
-    # Sampling state of companion groups, kept while their members come and go from the batch (oldest dropped first).
-    KEPT_GROUPS = 65536
+    # Sampling state of companion groups, kept while their members come and go from the batch: the least recently
+    # stepped groups beyond this many are dropped, never one with a member in the batch.
+    KEPT_GROUPS = 4096
 
     def __init__(self, vllm_config, device, is_pin_memory, host: LockstepHost | None = None,
                  token_sink: TokenSink | None = None):
@@ -181,12 +183,12 @@ class FusionLogitsProcessor(_V1Base):
         companions: CompanionGroup = decode_plan(params.extra_args[COMPANIONS_ARG])
         self._host.add(group, spec, generated=output_ids, external=list(companions.streams.values()))
         if group not in self._groups:
-            self._groups[group] = _GroupState(
-                companions.streams, companions.sampling,
-                None if companions.sampling.greedy else make_generator(companions.seed))
-            while len(self._groups) > self.KEPT_GROUPS:
-                self._groups.popitem(last=False)
+            self._groups[group] = _GroupState(companions.streams, companions.sampling, companions.seed)
         self._groups.move_to_end(group)
+        if len(self._groups) > self.KEPT_GROUPS:
+            live = {g for g, _, _ in self._members.values()}
+            for old in [g for g in self._groups if g not in live][:len(self._groups) - self.KEPT_GROUPS]:
+                del self._groups[old]
 
     def _drop(self, index: int) -> None:
         for table in (self._rows, self._members):
@@ -228,6 +230,9 @@ class FusionLogitsProcessor(_V1Base):
                 state.waits += 1
                 continue
             complete.append((group, state, rows))
+            self._groups.move_to_end(group)
+            if state.generator is None and not state.sampling.greedy:
+                state.generator = make_generator(state.seed, logits.device)
         if not complete:
             return
         scores = self._host.step(

@@ -286,6 +286,10 @@ class LockstepHost:
             scores[i] = request.plan.forcing(scores[i], positions[i])
             if self._sink is not None:
                 self._sink(key, positions[i], request.plan.record(positions[i]), dict(request.forward_passes))
+        for request in requests:  # the caller's rows (a view of vLLM's logits) are not kept past the step
+            for stream in request.streams:
+                if isinstance(stream, _ExternalStream):
+                    stream.logits = None
         return scores
 
     def fuse(self, logits: torch.Tensor, rows: Sequence[tuple[str, int, Sequence[int]]]) -> None:
