@@ -17,6 +17,7 @@ from server.config import load_deploy_file
 from server.engines.base import GenerationRequest
 from server.engines.vllm_engine import guide_slots
 from server.errors import DeadlineExceeded
+from tests.test_vllm_engine import engine_core_running
 from tests.strategy_cases import (QUESTIONS, REFERENCE_MAX_LEN, REPO, STRATEGIES, assert_equal_to_reference, collect,
                                   request, run_mixed)
 
@@ -103,11 +104,6 @@ def test_seeded_sampling_and_stop_strings(engine):
 
 async def _chunks(engine, req):
     return [c async for c in engine.generate(req)]
-
-
-def engine_core_running() -> float:
-    from prometheus_client import REGISTRY
-    return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == "vllm:num_requests_running")
 
 
 def assert_every_member_left(engine) -> None:

@@ -243,11 +243,13 @@ class FusionLogitsProcessor(_V1Base):
                         [state.generator for _, state, _ in complete]).tolist()
         if self._token_sink is None:
             self._token_sink = _zmq_token_sink(self._vllm_config)
+        member_rows, member_tokens = [], []
         for (group, state, rows), token in zip(complete, tokens):
-            index = [i for i, _ in rows.values()]
-            logits[index] = float("-inf")
-            logits[index, token] = 0.0
+            member_rows += [index for index, _ in rows.values()]
+            member_tokens += [token] * len(rows)
             self._token_sink(group, len(rows[0][1]), token, state.waits)
+        logits[member_rows] = float("-inf")  # every member's row one-hot on its group's token, in one write
+        logits[member_rows, member_tokens] = 0.0
 
 
 class FusionLogitsProcessorV2(_V2Base):
