@@ -17,6 +17,7 @@ from server.config import load_deploy_file
 from server.engines.base import GenerationRequest
 from server.engines.vllm_engine import guide_slots
 from server.errors import DeadlineExceeded
+from tests.test_engine import timed
 from tests.test_vllm_engine import engine_core_running
 from tests.strategy_cases import (QUESTIONS, REFERENCE_MAX_LEN, REPO, STRATEGIES, assert_equal_to_reference, collect,
                                   request, run_mixed)
@@ -100,6 +101,12 @@ def test_seeded_sampling_and_stop_strings(engine):
         greedy, sampling=dataclasses.replace(greedy.sampling, stop=(stop,)))))
     assert "".join(c.text for c in stopped) == whole[:whole.index(stop)]
     assert stopped[-1].finish_reason == "stop"
+
+
+def test_the_last_chunk_says_when_the_group_was_admitted_and_decided_its_first_token(engine):
+    sent, last, ended = run(timed(engine, request("uscd", QUESTIONS[1], steps=6)))
+    assert last.usage.completion_tokens == 6
+    assert sent <= last.phases.admitted <= last.phases.first_token <= ended
 
 
 async def _chunks(engine, req):

@@ -262,7 +262,9 @@ class VLLMEngine(Engine):
         self._in_flight += 1
         self._companion_members += size - 1
         self._reports.open(key)
-        members = [asyncio.ensure_future(_drain(stream)) for stream in streams]
+        member_stats: list = [None] * size
+        members = [asyncio.ensure_future(_drain(stream, member_stats, k)) for k, stream in enumerate(streams)]
+        first_token_at = None
         detokenizer = IncrementalDetokenizer(self.tokenizer.backend_tokenizer, prompt_ids)
         stops = StopStringMatcher(sampling.stop)
         generated: list[int] = []
@@ -272,6 +274,7 @@ class VLLMEngine(Engine):
                 while True:
                     token = await _first_of(self._reports.token(key, len(generated)), members)
                     generated.append(token)
+                    first_token_at = first_token_at or time.time()
                     chunk = GenerationChunk(text="", token_ids=[token])
                     if token in self._eos and not sampling.ignore_eos:
                         chunk.text, chunk.finish_reason = stops.flush(), "stop"
@@ -290,6 +293,7 @@ class VLLMEngine(Engine):
                         chunk.usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(generated),
                                             forward_passes=dict(passes), companion_waits=self._reports.waits(key))
                         chunk.seed = seed
+                        chunk.phases = _group_phase_times(member_stats, first_token_at)
                         yield chunk
                         return
                     yield chunk
@@ -376,11 +380,13 @@ class VLLMEngine(Engine):
         self._reports.close()
 
 
-async def _drain(stream) -> None:
-    """Consumes a member's outputs (its tokens are the group's, read from the processor); returns when vLLM
-    finishes the member, which only the engine should do: `_first_of` turns that into an error."""
+async def _drain(stream, stats: list, index: int) -> None:
+    """Consumes a member's outputs (its tokens are the group's, read from the processor), keeping vLLM's stats of
+    the member in stats[index]; returns when vLLM finishes the member, which only the engine should do: `_first_of`
+    turns that into an error."""
     try:
         async for output in stream:
+            stats[index] = output.metrics
             if output.finished:
                 return
     finally:
@@ -416,6 +422,16 @@ def _phase_times(stats) -> PhaseTimes | None:
         return None
     offset = time.time() - time.monotonic()
     return PhaseTimes(admitted=stats.scheduled_ts + offset, first_token=stats.first_token_ts + offset)
+
+
+def _group_phase_times(member_stats: list, first_token_at: float | None) -> PhaseTimes | None:
+    """A companion group's PhaseTimes: admitted when vLLM's scheduler had scheduled its last member (the group
+    decides no token before), first token when the group's first token reached this engine. None when vLLM keeps no
+    stats or a member's stats have not come back yet."""
+    if first_token_at is None or any(stats is None or not stats.scheduled_ts for stats in member_stats):
+        return None
+    offset = time.time() - time.monotonic()
+    return PhaseTimes(admitted=max(stats.scheduled_ts for stats in member_stats) + offset, first_token=first_token_at)
 
 
 def _vllm_gauge(name: str) -> float:
