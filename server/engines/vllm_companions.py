@@ -25,12 +25,13 @@ Each roll-back costs the member one wasted row; none changes a decided token, so
 reference however vLLM admits, chunks or preempts the members. The processor counts the steps where a group was
 incomplete; the response's usage reports them (`companion_waits`).
 
-Liveness: a group's waiting members are admitted all in the same step, once every member has arrived, or not yet
-(groups in arrival order, no group overtaking another), so groups do not hold sequence slots waiting for siblings
-that cannot get one; and when a step schedules nothing while a group's running members wait for queued siblings
-(their KV blocks are held by other waiting groups), the latest such group is preempted whole and queued again at the
-back. Not guaranteed: plain requests behind a group that does not fit may take the slots it waits for (it is
-admitted once enough are free), and members kept out of a step go back to the front of the queue.
+Admission and liveness: first come, first served, counting sequence slots. A group's waiting members are admitted
+all in the same step, once every member has arrived, or not yet, so groups do not hold sequence slots waiting for
+siblings that cannot get one; a complete group that does not fit keeps everything queued behind it (plain requests
+and other groups) waiting, so later arrivals cannot take the slots it waits for one at a time; requests kept out of
+a step keep their place in the queue. When a step schedules nothing while a group's running members wait for queued
+siblings (their KV blocks are held by other waiting groups), the latest such group is preempted whole and queued
+again at the back.
 
 Written against vLLM 0.32's V1 scheduler: the roll-back edits a Request's token lists, which are vLLM internals.
 Requirements, checked by the engine: vLLM's synchronous scheduler (no async scheduling: it would sample a member's
@@ -84,6 +85,7 @@ class GangScheduler(_Scheduler):
         self._groups: dict[str, dict[int, object]] = {}  # group key → member index → vLLM Request, in arrival order
         self._sizes: dict[str, int] = {}
         self._stalled = False  # the last step scheduled nothing while groups were held
+        self._queued: dict = {}  # request id → the queue holding it, as schedule() began
 
     def add_request(self, request) -> None:
         super().add_request(request)
@@ -95,53 +97,90 @@ class GangScheduler(_Scheduler):
 
     def schedule(self, *args, **kwargs):
         deferred: dict[str, tuple] = {}  # request id → (its queue, request): kept out of this step's admissions
-        free = self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input
+        self._queued = {r.request_id: q for q in (self.kv_holding_waiting, self.waiting) for r in q}
         starved = []  # complete groups with members running (held) and members queued
         for group in list(self._groups):
-            members = [r for r in self._groups[group].values() if r.request_id in self.requests]
+            members = self._members(group)
             if not members:
                 del self._groups[group], self._sizes[group]
                 continue
             complete = len(members) == self._sizes[group]
             for queue, request in self._align(members, complete):
                 deferred[request.request_id] = (queue, request)
-            # Admit a group's queued members all in one step, once all of them have arrived (groups in arrival
-            # order, no overtaking): members admitted apart would hold sequence slots waiting for their siblings.
-            queued = [(q, r) for r in members if r.status != RequestStatus.RUNNING and (q := self._queue_of(r))]
-            if complete and len(queued) <= free:
-                free -= len(queued)
-            else:
-                deferred.update((r.request_id, (q, r)) for q, r in queued)
-                free = 0 if complete else free
+            queued = [r for r in members if r.request_id in self._queued]
             if complete and queued and len(queued) < len(members):
                 starved.append(members)
+        self._admit(deferred)
         if self._stalled and starved and self._pause_state == PauseState.UNPAUSED:
             # Nothing ran last step while a group's running members waited for queued siblings that cannot be
             # admitted (KV blocks held by waiting groups): the latest such group gives its blocks back, and its
-            # members queue again at the back, not admitted in this step.
-            for request in [r for r in starved[-1] if r.status == RequestStatus.RUNNING]:
-                self.running.remove(request)
-                self._preempt_request(request, time.monotonic())
-                self.waiting.remove_request(request)
-                self.waiting.add_request(request)
-                deferred[request.request_id] = (self.waiting, request)
+            # members queue again at the back, none admitted in this step.
+            for request in starved[-1]:
+                if request.status == RequestStatus.RUNNING:
+                    self.running.remove(request)
+                    self._preempt_request(request, time.monotonic())
+                    self.waiting.remove_request(request)
+                    self.waiting.add_request(request)
+                    self._queued[request.request_id] = self.waiting
+                deferred[request.request_id] = (self._queued[request.request_id], request)
+        order = {id(queue): list(queue) for queue in (self.waiting, self.kv_holding_waiting)}
         for queue, request in deferred.values():
             queue.remove_request(request)
         try:
             output = super().schedule(*args, **kwargs)
         finally:
-            for queue, request in reversed(deferred.values()):
-                queue.prepend_request(request)
+            for queue in (self.waiting, self.kv_holding_waiting):
+                self._restore_order(queue, order[id(queue)],
+                                    {r for q, r in deferred.values() if q is queue and r.request_id in self.requests})
         self._stalled = output.total_num_scheduled_tokens == 0 and bool(starved)
         return output
+
+    def _members(self, group: str) -> list:
+        return [r for r in self._groups[group].values() if r.request_id in self.requests]
+
+    def _admit(self, deferred: dict) -> None:
+        """First come, first served over the queues in the order vLLM admits from them, counting sequence slots: a
+        group's queued members are admitted all in the same step, once every member has arrived, or not at all
+        (members admitted apart would hold slots waiting for their siblings); a complete group that does not fit
+        keeps everything queued behind it, plain requests and other groups, out of the step, so that the slots it
+        waits for are not taken by later arrivals. Adds the requests kept out to `deferred`."""
+        free = self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input
+        blocked, seen = False, set()
+        for queue in (self.kv_holding_waiting, self.waiting):
+            for request in queue:
+                member = member_of(request.sampling_params)
+                if member is None:
+                    if blocked or free <= 0:  # free <= 0: the slots left are an earlier group's (one member may be
+                        deferred.setdefault(request.request_id, (queue, request))  # held out of this step)
+                    free -= 1
+                    continue
+                group = member[0]
+                if group in seen or group not in self._groups:
+                    continue
+                seen.add(group)
+                members = self._members(group)
+                queued = [(self._queued[r.request_id], r) for r in members if r.request_id in self._queued]
+                complete = len(members) == self._sizes[group]
+                if complete and not blocked and len(queued) <= free:
+                    free -= len(queued)
+                else:
+                    deferred.update((r.request_id, (q, r)) for q, r in queued)
+                    blocked = blocked or complete
+
+    @staticmethod
+    def _restore_order(queue, before: list, deferred: set) -> None:
+        """Puts the requests kept out of the step back where they were in `queue`: the requests vLLM put in it
+        during the step (preempted ones, at the front) first, then the others in their order before the step."""
+        current = list(queue)
+        known = set(before)
+        kept = set(current) | deferred
+        queue.clear()
+        queue.extend([r for r in current if r not in known] + [r for r in before if r in kept])
 
     @staticmethod
     def _all_ready(members: list, complete: bool) -> bool:
         return complete and all(r.status == RequestStatus.RUNNING and r.num_tokens - r.num_computed_tokens == 1
                                 for r in members)
-
-    def _queue_of(self, request):
-        return next((q for q in (self.kv_holding_waiting, self.waiting) if request in q), None)
 
     def _align(self, members: list, complete: bool) -> list:
         """Rolls back the members ahead of the others, then holds members so that the group's members sample in the
@@ -160,8 +199,8 @@ class GangScheduler(_Scheduler):
             # out of its queue for this call.
             running = [r for r in members if r.status == RequestStatus.RUNNING]
             hold = running[-1:]
-            if not running and (queue := self._queue_of(members[-1])) is not None:
-                deferred = [(queue, members[-1])]
+            if not running and members[-1].request_id in self._queued:
+                deferred = [(self._queued[members[-1].request_id], members[-1])]
         for request in hold:
             # schedule() advances current_step before it reads eligibility: current_step + 2 skips this call only.
             request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
