@@ -45,11 +45,11 @@ def make_scheduler(model_path, max_num_seqs: int, max_num_batched_tokens: int = 
 _arrivals = itertools.count()
 
 
-def add(scheduler, request_id: str, prompt_len: int, member: dict | None = None):
+def add(scheduler, request_id: str, prompt_len: int, member: dict | None = None, max_tokens: int = 64):
     from vllm.sampling_params import SamplingParams
     from vllm.v1.request import Request
 
-    params = SamplingParams(max_tokens=64, ignore_eos=True, extra_args={MEMBER_ARG: member} if member else None)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args={MEMBER_ARG: member} if member else None)
     arrival = next(_arrivals)
     request = Request(request_id, [1, 2, 3] + [arrival * 100 + i for i in range(prompt_len - 3)], params, None,
                       arrival_time=time.time() + arrival * 1e-3, block_hasher=scheduler.block_hasher)
@@ -57,8 +57,8 @@ def add(scheduler, request_id: str, prompt_len: int, member: dict | None = None)
     return request
 
 
-def add_group(scheduler, key: str, prompt_lens: list[int]) -> list:
-    return [add(scheduler, f"{key}-m{i}", n, {"group": key, "index": i, "size": len(prompt_lens)})
+def add_group(scheduler, key: str, prompt_lens: list[int], max_tokens: int = 64) -> list:
+    return [add(scheduler, f"{key}-m{i}", n, {"group": key, "index": i, "size": len(prompt_lens)}, max_tokens)
             for i, n in enumerate(prompt_lens)]
 
 
@@ -144,3 +144,43 @@ def test_plain_requests_ahead_of_a_group_go_first(model_path):
     assert list(scheduler.waiting) == [members[1], late]
     scheduled, _ = step(scheduler, {"g": members})
     assert set(scheduled) == {"first", "g-m1"} and list(scheduler.waiting) == [late]
+
+
+def test_groups_under_kv_pressure_all_finish_with_only_decided_tokens(model_path):
+    """KV blocks for about half of what the running sequences need: vLLM preempts members mid-decode (the scheduler
+    rolls back the lone samples and re-admits the member), and when every running member waits for a queued
+    sibling that cannot get blocks, the latest starved group is preempted whole. Every group still ends, each
+    member with the same tokens, all of them decided ones, beside a plain request."""
+    scheduler = make_scheduler(model_path, max_num_seqs=8, max_num_batched_tokens=64, num_blocks=14)
+    # 14 blocks of 16 tokens; the largest group needs 11 of them at its end (each member's prompt + 24 tokens).
+    groups = {key: add_group(scheduler, key, lens, max_tokens=24)
+              for key, lens in (("a", [20, 36]), ("b", [30, 20, 25]), ("c", [40, 18]))}
+    plain = add(scheduler, "plain", 30, max_tokens=24)
+    finished = {}
+    for _ in range(3000):
+        if not scheduler.requests:
+            break
+        for request in [*(m for ms in groups.values() for m in ms), plain]:
+            if request.request_id in scheduler.requests:
+                finished[request.request_id] = list(request.output_token_ids)
+        step(scheduler, groups)
+    assert not scheduler.requests, f"still unfinished after 3000 steps: {sorted(scheduler.requests)}"
+    assert max(r.num_preemptions for ms in groups.values() for r in ms) > 0  # the pressure did preempt members
+    for key, members in groups.items():
+        outputs = [finished[m.request_id] for m in members]
+        assert all(len(o) >= 23 for o in outputs), (key, [len(o) for o in outputs])
+        assert all(o[:23] == outputs[0][:23] for o in outputs) and STRAY not in outputs[0][:23], key
+
+
+@pytest.mark.parametrize("vllm_args, key", [
+    ({"scheduling_policy": "priority"}, "scheduling_policy"), ({"async_scheduling": True}, "async_scheduling"),
+    ({"scheduler_cls": "my.Scheduler"}, "scheduler_cls"), ({"data_parallel_size": 2}, "data_parallel_size")])
+def test_engine_arguments_that_would_break_groups_are_refused(vllm_args, key):
+    from server.config import ModelSpec
+    from server.engines.vllm_engine import GANG_SCHEDULER, _companion_engine_args
+    from server.errors import ConfigError
+
+    assert _companion_engine_args(ModelSpec(name="m", path="p", engine="vllm")) == {
+        "scheduler_cls": GANG_SCHEDULER, "async_scheduling": False}
+    with pytest.raises(ConfigError, match=f"models.m.vllm.{key}: vllm_companions"):
+        _companion_engine_args(ModelSpec(name="m", path="p", engine="vllm", vllm=vllm_args))

@@ -88,6 +88,9 @@ def _companion_engine_args(model: ModelSpec) -> dict:
                           "scheduler (the gang scheduler rolls back a member's sample before its next step)")
     if model.vllm.get("scheduler_cls") not in (None, GANG_SCHEDULER):
         raise ConfigError(f"models.{model.name}.vllm.scheduler_cls: vllm_companions runs its own ({GANG_SCHEDULER})")
+    if int(model.vllm.get("data_parallel_size", 1)) > 1:
+        raise ConfigError(f"models.{model.name}.vllm.data_parallel_size: vllm_companions needs a group's members in "
+                          "one engine core (scale out with replicas of the group instead)")
     return {"scheduler_cls": GANG_SCHEDULER, "async_scheduling": False}
 
 
@@ -131,6 +134,9 @@ class VLLMEngine(Engine):
         vllm_config.model_config.logits_processors = [f"{processor.__module__}:{processor.__qualname__}"]
         self._guide_models = set(slots)
         self._llm = AsyncLLM.from_vllm_config(vllm_config)
+        # The engine core's KV cache, known once it has started: a companion group must fit it whole.
+        self._kv_blocks = vllm_config.cache_config.num_gpu_blocks
+        self._kv_block_size = vllm_config.cache_config.block_size
         self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len, models)
         self._max_in_flight = group.max_batch_size + group.max_waiting
         self._in_flight = 0
@@ -248,6 +254,14 @@ class VLLMEngine(Engine):
                 raise InvalidArgument("sampling.max_tokens", f"a context of {len(context)} tokens + max_tokens "
                                       f"({sampling.max_tokens}) + 1 exceeds the model's context of "
                                       f"{self.max_model_len} tokens")
+        # Its members decode only together, so they must all fit the KV cache at once, each at its longest
+        # (shared prefix blocks ignored): a group that cannot would be preempted and admitted again forever.
+        blocks = sum(-(-(len(context) + sampling.max_tokens + 1) // self._kv_block_size) for context in contexts)
+        if blocks > self._kv_blocks:
+            raise InvalidArgument("sampling.max_tokens", f"this request runs {size} sequences in vLLM (its prompt and "
+                                  f"{size - 1} other contexts of the base model, {sum(map(len, contexts))} tokens) "
+                                  f"that need {blocks} KV-cache blocks of {self._kv_block_size} tokens with "
+                                  f"max_tokens {sampling.max_tokens}; the cache holds {self._kv_blocks}")
         if self._in_flight >= self._max_in_flight:
             raise ResourceExhausted(f"{self._in_flight} requests in flight (max_batch_size + max_waiting)")
         key = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
