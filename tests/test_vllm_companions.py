@@ -172,8 +172,8 @@ def test_a_group_larger_than_the_kv_cache_is_refused(engine):
     if engine.kv == "roomy":
         assert capacity >= 12 * REFERENCE_MAX_LEN  # 12 sequences of the longest context: nothing to refuse
         return
-    steps = REFERENCE_MAX_LEN - 128  # fits the context; 3 members of it do not fit 544 tokens
+    steps = REFERENCE_MAX_LEN - 128  # fits the context; 3 members of it do not fit 16 usable blocks of 32 tokens
     with pytest.raises(InvalidArgument, match=r"sampling.max_tokens.*need \d+ KV-cache blocks of 32 tokens .*"
-                                              r"the cache holds 17"):
+                                              r"the cache holds 16"):
         run(collect(engine, request("fusion-dynamic", QUESTIONS[2], steps=steps)))
     assert engine.load().running == 0 and engine._llm.get_num_unfinished_requests() == 0

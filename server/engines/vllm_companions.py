@@ -122,7 +122,8 @@ class GangScheduler(_Scheduler):
                     self.waiting.remove_request(request)
                     self.waiting.add_request(request)
                     self._queued[request.request_id] = self.waiting
-                deferred[request.request_id] = (self._queued[request.request_id], request)
+                if request.request_id in self._queued:
+                    deferred[request.request_id] = (self._queued[request.request_id], request)
         order = {id(queue): list(queue) for queue in (self.waiting, self.kv_holding_waiting)}
         for queue, request in deferred.values():
             queue.remove_request(request)

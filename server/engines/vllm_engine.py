@@ -134,8 +134,9 @@ class VLLMEngine(Engine):
         vllm_config.model_config.logits_processors = [f"{processor.__module__}:{processor.__qualname__}"]
         self._guide_models = set(slots)
         self._llm = AsyncLLM.from_vllm_config(vllm_config)
-        # The engine core's KV cache, known once it has started: a companion group must fit it whole.
-        self._kv_blocks = vllm_config.cache_config.num_gpu_blocks
+        # The engine core's KV cache, known once it has started (less the null block vLLM's block pool keeps): a
+        # companion group must fit it whole.
+        self._kv_blocks = vllm_config.cache_config.num_gpu_blocks - 1
         self._kv_block_size = vllm_config.cache_config.block_size
         self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len, models)
         self._max_in_flight = group.max_batch_size + group.max_waiting
