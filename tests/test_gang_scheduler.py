@@ -13,7 +13,7 @@ import pytest
 
 from server.engines.vllm_companions import MEMBER_ARG, GangScheduler
 
-STRAY = 99  # what a member's row samples when its group is not all in the step (the scheduler must roll it back)
+STRAY = -1  # what a member's row samples when its group is not all in the step (the scheduler must roll it back)
 
 
 def make_scheduler(model_path, max_num_seqs: int, max_num_batched_tokens: int = 256, num_blocks: int = 256):
@@ -58,7 +58,8 @@ def add(scheduler, request_id: str, prompt_len: int, member: dict | None = None,
 
 
 def add_group(scheduler, key: str, prompt_lens: list[int], max_tokens: int = 64) -> list:
-    return [add(scheduler, f"{key}-m{i}", n, {"group": key, "index": i, "size": len(prompt_lens)}, max_tokens)
+    """Members as the engine sends them: one token past the request's max_tokens (only the engine ends a group)."""
+    return [add(scheduler, f"{key}-m{i}", n, {"group": key, "index": i, "size": len(prompt_lens)}, max_tokens + 1)
             for i, n in enumerate(prompt_lens)]
 
 
@@ -146,35 +147,63 @@ def test_plain_requests_ahead_of_a_group_go_first(model_path):
     assert set(scheduled) == {"first", "g-m1"} and list(scheduler.waiting) == [late]
 
 
-def test_groups_under_kv_pressure_all_finish_with_only_decided_tokens(model_path):
-    """KV blocks for about half of what the running sequences need: vLLM preempts members mid-decode (the scheduler
-    rolls back the lone samples and re-admits the member), and when every running member waits for a queued
-    sibling that cannot get blocks, the latest starved group is preempted whole. Every group still ends, each
-    member with the same tokens, all of them decided ones, beside a plain request."""
-    scheduler = make_scheduler(model_path, max_num_seqs=8, max_num_batched_tokens=64, num_blocks=14)
-    # 14 blocks of 16 tokens; the largest group needs 11 of them at its end (each member's prompt + 24 tokens).
-    groups = {key: add_group(scheduler, key, lens, max_tokens=24)
-              for key, lens in (("a", [20, 36]), ("b", [30, 20, 25]), ("c", [40, 18]))}
-    plain = add(scheduler, "plain", 30, max_tokens=24)
-    finished = {}
-    for _ in range(3000):
+def run_to_the_end(scheduler, groups: dict[str, list], max_tokens: int, steps: int = 3000) -> tuple[dict, bool]:
+    """Steps until every request is done, ending each group as the engine does once its members hold max_tokens
+    decided tokens. Returns each group's members' outputs at its end, and whether the stall breaker fired."""
+    from vllm.v1.request import RequestStatus
+
+    ended, stalled = {}, False
+    for _ in range(steps):
         if not scheduler.requests:
             break
-        for request in [*(m for ms in groups.values() for m in ms), plain]:
-            if request.request_id in scheduler.requests:
-                finished[request.request_id] = list(request.output_token_ids)
         step(scheduler, groups)
-    assert not scheduler.requests, f"still unfinished after 3000 steps: {sorted(scheduler.requests)}"
+        stalled = stalled or scheduler._stalled
+        for key, members in groups.items():
+            if key not in ended and all(len(m.output_token_ids) >= max_tokens for m in members):
+                ended[key] = [list(m.output_token_ids) for m in members]
+                scheduler.finish_requests([m.request_id for m in members], RequestStatus.FINISHED_ABORTED)
+    assert not scheduler.requests, f"still unfinished after {steps} steps: {sorted(scheduler.requests)}"
+    return ended, stalled
+
+
+def assert_only_decided_tokens(ended: dict, max_tokens: int) -> None:
+    for key, outputs in ended.items():
+        decided = outputs[0][:max_tokens]
+        assert all(o[:max_tokens] == decided for o in outputs) and STRAY not in decided, (key, outputs)
+
+
+def test_groups_under_kv_pressure_all_finish_with_only_decided_tokens(model_path):
+    """KV blocks for about half of what the running sequences need: vLLM preempts members mid-decode (the scheduler
+    rolls back the lone samples and re-admits the member). Every group still ends, each member with the same
+    tokens, all of them decided ones, beside a plain request."""
+    scheduler = make_scheduler(model_path, max_num_seqs=8, max_num_batched_tokens=64, num_blocks=14)
+    # 13 usable blocks of 16 tokens; the largest group needs 11 of them at its end (prompts + 25 tokens each).
+    groups = {key: add_group(scheduler, key, lens, max_tokens=24)
+              for key, lens in (("a", [20, 36]), ("b", [30, 20, 25]), ("c", [40, 18]))}
+    add(scheduler, "plain", 30, max_tokens=24)
+    ended, _ = run_to_the_end(scheduler, groups, 24)
+    assert sorted(ended) == ["a", "b", "c"]
     assert max(r.num_preemptions for ms in groups.values() for r in ms) > 0  # the pressure did preempt members
-    for key, members in groups.items():
-        outputs = [finished[m.request_id] for m in members]
-        assert all(len(o) >= 23 for o in outputs), (key, [len(o) for o in outputs])
-        assert all(o[:23] == outputs[0][:23] for o in outputs) and STRAY not in outputs[0][:23], key
+    assert_only_decided_tokens(ended, 24)
+
+
+def test_the_stall_breaker_frees_groups_that_hold_each_others_blocks(model_path):
+    """Two groups of two 40-token prompts and 6 usable blocks of 16 tokens: each group fits alone (3 + 3 blocks at
+    its end, 4 tokens), not both at once. vLLM admits members of both, runs out of blocks, and every running member
+    waits for a queued sibling: a step schedules nothing. The stall breaker preempts the later group whole; both
+    groups end with only decided tokens."""
+    scheduler = make_scheduler(model_path, max_num_seqs=8, num_blocks=7)
+    groups = {key: add_group(scheduler, key, [40, 40], max_tokens=4) for key in ("a", "b")}
+    ended, stalled = run_to_the_end(scheduler, groups, 4, steps=200)
+    assert stalled, "the scenario no longer stalls: the stall breaker goes untested"
+    assert sorted(ended) == ["a", "b"]
+    assert_only_decided_tokens(ended, 4)
 
 
 @pytest.mark.parametrize("vllm_args, key", [
     ({"scheduling_policy": "priority"}, "scheduling_policy"), ({"async_scheduling": True}, "async_scheduling"),
-    ({"scheduler_cls": "my.Scheduler"}, "scheduler_cls"), ({"data_parallel_size": 2}, "data_parallel_size")])
+    ({"scheduler_cls": "my.Scheduler"}, "scheduler_cls"), ({"data_parallel_size": 2}, "data_parallel_size"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "speculative_config")])
 def test_engine_arguments_that_would_break_groups_are_refused(vllm_args, key):
     from server.config import ModelSpec
     from server.engines.vllm_engine import GANG_SCHEDULER, _companion_engine_args

@@ -30,8 +30,8 @@ all in the same step, once every member has arrived, or not yet, so groups do no
 siblings that cannot get one; a complete group that does not fit keeps everything queued behind it (plain requests
 and other groups) waiting, so later arrivals cannot take the slots it waits for one at a time; requests kept out of
 a step keep their place in the queue. When a step schedules nothing while a group's running members wait for queued
-siblings (their KV blocks are held by other waiting groups), the latest such group is preempted whole and queued
-again at the back.
+siblings (their KV blocks are held by other waiting groups), the latest such group is preempted whole and its
+members queued again at the back, together.
 
 Written against vLLM 0.32's V1 scheduler: the roll-back edits a Request's token lists, which are vLLM internals.
 Requirements, checked by the engine: vLLM's synchronous scheduler (no async scheduling: it would sample a member's
@@ -119,14 +119,15 @@ class GangScheduler(_Scheduler):
                 if request.status == RequestStatus.RUNNING:
                     self.running.remove(request)
                     self._preempt_request(request, time.monotonic())
+                    self._queued[request.request_id] = self.waiting
+                if self._queued.get(request.request_id) is self.waiting:  # the whole group, together
                     self.waiting.remove_request(request)
                     self.waiting.add_request(request)
-                    self._queued[request.request_id] = self.waiting
                 if request.request_id in self._queued:
                     deferred[request.request_id] = (self._queued[request.request_id], request)
         order = {id(queue): list(queue) for queue in (self.waiting, self.kv_holding_waiting)}
-        for queue, request in deferred.values():
-            queue.remove_request(request)
+        for queue in (self.waiting, self.kv_holding_waiting):
+            queue.remove_requests([r for q, r in deferred.values() if q is queue])  # one linear pass a queue
         try:
             output = super().schedule(*args, **kwargs)
         finally:

@@ -88,6 +88,9 @@ def _companion_engine_args(model: ModelSpec) -> dict:
                           "scheduler (the gang scheduler rolls back a member's sample before its next step)")
     if model.vllm.get("scheduler_cls") not in (None, GANG_SCHEDULER):
         raise ConfigError(f"models.{model.name}.vllm.scheduler_cls: vllm_companions runs its own ({GANG_SCHEDULER})")
+    if model.vllm.get("speculative_config"):
+        raise ConfigError(f"models.{model.name}.vllm.speculative_config: vllm_companions decides one token per step "
+                          "for every member of a group")
     if int(model.vllm.get("data_parallel_size", 1)) > 1:
         raise ConfigError(f"models.{model.name}.vllm.data_parallel_size: vllm_companions needs a group's members in "
                           "one engine core (scale out with replicas of the group instead)")
@@ -120,7 +123,9 @@ class VLLMEngine(Engine):
             raise ConfigError(f"groups.{group.name}.vllm_companions: needs vLLM's V1 model runner (the processor "
                               "adapter that steps companion groups); set VLLM_USE_V2_MODEL_RUNNER=0")
         self.max_model_len = vllm_config.model_config.max_model_len
-        self._max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+        # The most sequences vLLM's scheduler runs at once (max_num_active_seqs, if set, below max_num_seqs).
+        self._max_num_seqs = (vllm_config.scheduler_config.max_num_active_seqs
+                              or vllm_config.scheduler_config.max_num_seqs)
         self._eos = stop_token_ids(self.tokenizer, path, vllm_config.model_config.hf_config)
         self.score_id_limit = vllm_config.model_config.max_logprobs
         models = config.models if config else {model.name: model}
@@ -134,9 +139,10 @@ class VLLMEngine(Engine):
         vllm_config.model_config.logits_processors = [f"{processor.__module__}:{processor.__qualname__}"]
         self._guide_models = set(slots)
         self._llm = AsyncLLM.from_vllm_config(vllm_config)
-        # The engine core's KV cache, known once it has started (less the null block vLLM's block pool keeps): a
-        # companion group must fit it whole.
-        self._kv_blocks = vllm_config.cache_config.num_gpu_blocks - 1
+        # The engine core's KV cache, known once it has started, less the null block vLLM's block pool keeps and
+        # the watermark it leaves free when it admits a waiting request: a companion group must fit it whole.
+        blocks = vllm_config.cache_config.num_gpu_blocks
+        self._kv_blocks = blocks - 1 - int(vllm_config.scheduler_config.watermark * blocks)
         self._kv_block_size = vllm_config.cache_config.block_size
         self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len, models)
         self._max_in_flight = group.max_batch_size + group.max_waiting
