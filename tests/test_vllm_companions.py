@@ -15,7 +15,7 @@ from decoding.chat import ChatMessage
 from decoding.sampling import SamplingParams
 from server.config import load_deploy_file
 from server.engines.base import GenerationRequest
-from server.engines.vllm_engine import guide_slots
+from server.engines.vllm_engine import _vllm_gauge, guide_slots
 from server.errors import DeadlineExceeded, InvalidArgument
 from tests.test_engine import timed
 from tests.test_vllm_engine import engine_core_running
@@ -39,8 +39,7 @@ def run(coro):
 
 
 def preemptions() -> float:
-    from prometheus_client import REGISTRY
-    return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == "vllm:num_preemptions_total")
+    return _vllm_gauge("vllm:num_preemptions_total")
 
 
 @pytest.fixture(scope="module", params=list(KV))
@@ -114,8 +113,7 @@ async def _chunks(engine, req):
 
 
 def generated_tokens() -> float:
-    from prometheus_client import REGISTRY
-    return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == "vllm:generation_tokens_total")
+    return _vllm_gauge("vllm:generation_tokens_total")
 
 
 def long_steps(engine, members: int) -> int:

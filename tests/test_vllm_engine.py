@@ -104,8 +104,8 @@ def test_seed_and_stop_strings(engine):
 def engine_core_running() -> float:
     """Requests running in vLLM's engine core: its scheduler's count, reported with every step's outputs (the
     `vllm:num_requests_running` metric), not the front end's bookkeeping that `engine.load()` reads."""
-    from prometheus_client import REGISTRY
-    return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == "vllm:num_requests_running")
+    from server.engines.vllm_engine import _vllm_gauge
+    return _vllm_gauge("vllm:num_requests_running")
 
 
 def assert_the_engine_core_dropped_it(engine) -> None:

@@ -456,6 +456,7 @@ def _group_phase_times(member_stats: list, first_token_at: float | None) -> Phas
 
 
 def _vllm_gauge(name: str) -> float:
-    """A gauge vLLM's Prometheus stat logger keeps in this process's registry (summed over its engines)."""
+    """A gauge or counter (its `_total` sample) vLLM's Prometheus stat logger keeps in this process's registry
+    (summed over its engines)."""
     from prometheus_client import REGISTRY
     return sum(sample.value for metric in REGISTRY.collect() for sample in metric.samples if sample.name == name)
