@@ -116,7 +116,7 @@ bench-best-of-n: install models
 # Listwise reranking on TREC DL20 (bench/README.md): first-token vs written permutations (nDCG@10, latency), queries/s
 # at 1 and 8 in flight. The defaults rerank all 54 queries with the first token (~50 min on 2 cores); RERANK_ARGS
 # holds what was run.
-RERANK_ARGS ?= --queries 30 --generate-queries 10 --throughput-queries 8
+RERANK_ARGS ?= --queries 54 --generate-queries 10 --throughput-queries 8
 bench-rerank: install models
 	$(BIN)/python -m bench.rerank --config deploy/local.yaml --name rerank $(RERANK_ARGS)
 
