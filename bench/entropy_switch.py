@@ -3,6 +3,7 @@ running server, a threshold sweep beside large-only and small-only decoding of t
 
     .venv/bin/python -m bench.entropy_switch [--config deploy/local.yaml] [--limit 50] [--tokens 128]
         [--scales 0.5 0.75 1 1.5 2] [--thresholds ...] [--concurrency 16] [--no-loglik] [--name entropy-switch]
+        [--resume]
     make bench-entropy-switch          # deploy/local.yaml, then deploy/local-pair.yaml (smaller: see the Makefile)
 
 Requests: the first --limit GSM8K problems (Cobbe et al. 2021) with the quality benchmark's zero-shot prompt
@@ -19,6 +20,11 @@ parameter-weighted compute saved, GSM8K accuracy (exact match on the final numbe
 with large-only greedy (the share of each reply's tokens equal to large-only's before their first difference, and
 exact matches), and, unless --no-loglik, the large model's mean log-likelihood per token of the produced text
 (teacher-forced, in this process after the server has stopped). Writes <out>/<name>.json, .md and .png.
+
+Every point's replies go to <out>/<name>-replies.json as soon as the point is measured, with the run's settings.
+--resume keeps the points there measured with the same settings (config, group, --limit, --tokens, --concurrency;
+refused otherwise, naming the difference) and runs only the others, so a sweep too long for one sitting is measured
+in parts; each point says when it was measured, and a speed-up then compares points of different sittings.
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ import json
 import math
 import statistics
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.quality import GSM8K_INSTRUCTION, final_number, gsm8k_problems, run_requests, wilson
-from bench.run import Progress, data_bench_parser, parse_data_bench_args, with_server, write_report
+from bench.run import Progress, data_bench_parser, parse_data_bench_args, resumed, with_server, write_report
 from decoding.entropy_switch import compute_saved
 
 
@@ -119,17 +126,19 @@ def large_loglik(path: str, prompts: list[str], replies: list[list[int]]) -> flo
 def markdown(report: dict) -> str:
     lines = [f"Entropy switching, {report['config']} (small: {report['small']}, P_S/P_L = "
              f"{report['parameter_ratio']:.2f}): GSM8K n = {report['limit']} (greedy, at most {report['tokens']} "
-             f"tokens), {report['concurrency']} in flight; run {report['run_s'] / 60:.0f} min.", "",
+             f"tokens), {report['concurrency']} in flight; the points' wall time {report['run_s'] / 60:.0f} min.",
+             "",
              "| point | threshold (bits) | large fraction | speed-up vs large-only | tok/s | compute saved | "
              "GSM8K accuracy [95% CI] | agreement with large-only (prefix share / exact) | large model's "
-             "log-lik./token | switches/request |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "log-lik./token | switches/request | measured |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in report["points"]:
         loglik = f"{r['large_loglik']:.3f}" if r.get("large_loglik") is not None else "–"
         lines.append(f"| {r['point']} | {r['threshold']:.3g} | {r['large_fraction']:.2f} | {r['speedup']:.2f}× | "
                      f"{r['tokens_per_s']:.1f} | {r['compute_saved']:.2f} | {r['accuracy']:.2f} "
                      f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {r['agreement_prefix']:.2f} / "
-                     f"{r['agreement_exact']:.2f} | {loglik} | {r['switches_per_request']:.1f} |")
+                     f"{r['agreement_exact']:.2f} | {loglik} | {r['switches_per_request']:.1f} | "
+                     f"{r.get('measured', '–')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -168,6 +177,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--no-loglik", dest="loglik", action="store_false",
                         help="skip the large model's log-likelihood of the outputs (a forward per reply)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the points of an earlier <out>/<name>-replies.json with the same settings, "
+                             "run the others")
     args = parse_data_bench_args(parser)
 
     from server.config import load_deploy_file
@@ -177,7 +189,13 @@ def main() -> int:
         g for g in chorus.groups.values() if g.base == chorus.default_model)
     sweep = points(args.scales, args.thresholds, group.entropy_threshold)
     problems = gsm8k_problems(args.data, args.limit)
-    progress = Progress(len(sweep) + (1 if args.loglik else 0))
+    settings = {"config": args.config, "group": group.name, "limit": args.limit, "tokens": args.tokens,
+                "concurrency": args.concurrency}
+    replies_path = args.out / f"{args.name}-replies.json"
+    names = [p["name"] for p in sweep]
+    results = [r for r in (resumed(replies_path, settings, "points") if args.resume else []) if r["point"] in names]
+    to_run = [p for p in sweep if p["name"] not in {r["point"] for r in results}]
+    progress = Progress(len(to_run) + (1 if args.loglik else 0))
 
     def measure(address: str) -> list[dict]:
         import grpc
@@ -185,24 +203,25 @@ def main() -> int:
         from chorus.v1 import decoding_pb2_grpc
 
         stub = decoding_pb2_grpc.DecodingStub(grpc.insecure_channel(address))
-        results = []
-        for point in sweep:
+        for point in to_run:
             progress.begin(f"{point['name']} ({len(problems)} problems)")
+            measured = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             result = run_point(stub, point, group.base, problems, args.tokens, args.concurrency, progress)
             progress.end(f"large fraction {result['large_fraction']:.2f}, {result['tokens_per_s']:.1f} tok/s, "
                          f"accuracy {result['accuracy']:.2f}")
-            results.append(result)
+            results.append(result | {"measured": measured})
+            # Every measured point, replies included, as soon as it is in: a stopped run (or a failure of the
+            # log-likelihood pass) loses nothing, and --resume goes on from here.
+            replies_path.write_text(json.dumps(settings | {"points": results}))
         return results
 
-    results = with_server(args.config, args.out / f"{args.name}-server.log", measure, progress)
-    if results is None:
+    if to_run and with_server(args.config, args.out / f"{args.name}-server.log", measure, progress) is None:
         return 1
+    results.sort(key=lambda r: names.index(r["point"]))
     baseline = results[0]
     for r in results:
         r["speedup"] = r["tokens_per_s"] / baseline["tokens_per_s"]
         r["agreement_prefix"], r["agreement_exact"] = agreement(r["token_ids"], baseline["token_ids"])
-    # The measured points first, replies included, so a failure of the log-likelihood pass loses nothing.
-    (args.out / f"{args.name}-replies.json").write_text(json.dumps(results))
     if args.loglik:
         progress.begin("the large model's log-likelihood of every point's replies (in-process)")
         from server.models import resolve_model_path
@@ -211,12 +230,10 @@ def main() -> int:
         for r in results:
             r["large_loglik"] = large_loglik(path, r["prompts"], r["token_ids"])
         progress.end("done")
-    for r in results:
-        del r["prompts"], r["token_ids"]
-    report = {"config": args.config, "group": group.name, "small": next(
-        (g.name for g in group.guides.values() if "small" in g.roles), ""), "limit": args.limit,
-        "tokens": args.tokens, "concurrency": args.concurrency, "parameter_ratio": results[0]["parameter_ratio"],
-        "points": results, "run_s": time.time() - progress.started}
+    report = settings | {"small": next((g.name for g in group.guides.values() if "small" in g.roles), ""),
+                         "parameter_ratio": baseline["parameter_ratio"], "run_s": sum(r["wall_s"] for r in results),
+                         "points": [{k: v for k, v in r.items() if k not in ("prompts", "token_ids")}
+                                    for r in results]}
     write_report(args.out, args.name, report, markdown, plot)
     return 0
 

@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.run import Progress, data_bench_parser, parse_data_bench_args, with_server, write_report
+from bench.run import Progress, data_bench_parser, parse_data_bench_args, resumed, with_server, write_report
 from decoding.best_of_n import final_number
 
 LARGE, SMALL = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
@@ -358,7 +358,7 @@ def main() -> int:
     settings = {"config": args.config, "limit": args.limit, "gsm8k_tokens": args.gsm8k_tokens,
                 "refusal_limit": args.refusal_limit, "refusal_tokens": args.refusal_tokens,
                 "concurrency": args.concurrency}
-    kept = resumed_rows(args.out / f"{args.name}.json", settings) if args.resume else []
+    kept = resumed(args.out / f"{args.name}.json", settings, "rows") if args.resume else []
     selected = [r for r in selected if r.name not in {k["row"] for k in kept}]
     order = [r.name for r in rows()]
 
@@ -400,18 +400,6 @@ def main() -> int:
         write_report(args.out, args.name, report(kept), markdown, plot)
         return 0
     return 0 if with_server(args.config, args.out / f"{args.name}-server.log", measure, progress) else 1
-
-
-def resumed_rows(path: Path, settings: dict) -> list[dict]:
-    """The rows of an earlier report at `path` (none if absent); SystemExit if its settings differ from `settings`."""
-    if not path.exists():
-        return []
-    earlier = json.loads(path.read_text())
-    differ = {key: (earlier.get(key), value) for key, value in settings.items() if earlier.get(key) != value}
-    if differ:
-        raise SystemExit(f"--resume: {path} was measured with other settings (earlier, now): {differ}; "
-                         "pass the same settings, or another --name")
-    return earlier["rows"]
 
 
 if __name__ == "__main__":

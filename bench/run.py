@@ -134,6 +134,19 @@ def write_report(out: Path, name: str, report: dict, markdown, plot) -> None:
     print(f"wrote {out / name}.{{json,md,png}}" + (f" in {report['run_s']:.0f} s" if "run_s" in report else ""))
 
 
+def resumed(path: Path, settings: dict, key: str) -> list[dict]:
+    """The measured entries under `key` of an earlier report at `path` (none if absent), for a --resume run;
+    SystemExit naming the difference if that report was measured with settings other than `settings`."""
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    differ = {name: (earlier.get(name), value) for name, value in settings.items() if earlier.get(name) != value}
+    if differ:
+        raise SystemExit(f"--resume: {path} was measured with other settings (earlier, now): {differ}; "
+                         "pass the same settings, or another --name")
+    return earlier[key]
+
+
 def level_outcome(summary: dict) -> str:
     return (f"{summary['tokens_per_s']:.1f} tok/s, ITL p50 {summary['itl_ms_p50']:.0f} ms, "
             f"p99 {summary['itl_ms_p99']:.0f} ms")

@@ -1,12 +1,13 @@
 """The quality benchmarks' scoring (bench/quality.py: the refusal string match, the interval;
-bench/entropy_switch.py: the threshold points and the agreement with large-only output)."""
+bench/entropy_switch.py: the threshold points, the agreement with large-only output, a resumed sweep)."""
 
 import json
 import math
 
 import pytest
 
-from bench.quality import is_refusal, resumed_rows, rows, wilson
+from bench.quality import is_refusal, rows, wilson
+from bench.run import resumed
 
 
 def test_refusal_string_match():
@@ -32,11 +33,11 @@ def test_every_row_has_a_unique_name_and_a_known_task():
 def test_resume_keeps_rows_of_the_same_settings_and_refuses_others(tmp_path):
     settings = {"config": "deploy/local-pair.yaml", "limit": 50, "gsm8k_tokens": 256}
     path = tmp_path / "quality.json"
-    assert resumed_rows(path, settings) == []
+    assert resumed(path, settings, "rows") == []
     path.write_text(json.dumps(settings | {"rows": [{"row": "plain-1.5b"}], "run_s": 1.0}))
-    assert resumed_rows(path, settings) == [{"row": "plain-1.5b"}]
+    assert resumed(path, settings, "rows") == [{"row": "plain-1.5b"}]
     with pytest.raises(SystemExit, match=r"other settings.*'limit': \(50, 20\)"):
-        resumed_rows(path, settings | {"limit": 20})
+        resumed(path, settings | {"limit": 20}, "rows")
 
 
 def test_entropy_switch_bench_points_and_agreement():
@@ -50,6 +51,47 @@ def test_entropy_switch_bench_points_and_agreement():
     assert agreement([[1, 2, 9, 9], [5, 6, 7]], [[1, 2, 3, 4], [5, 6, 7]]) == (0.75, 0.5)
     with pytest.raises(SystemExit, match="--thresholds"):
         points([1.0], [], default=None)
+
+
+def _sweep_point(name: str, threshold: float, tokens_per_s: float, token_ids: list[list[int]]) -> dict:
+    return {"point": name, "threshold": threshold, "wall_s": 10.0, "completion_tokens": 8,
+            "tokens_per_s": tokens_per_s, "large_fraction": 0.5, "switches_per_request": 1.0, "compute_saved": 0.3,
+            "parameter_ratio": 0.32, "accuracy": 0.5, "ci95": [0.1, 0.9], "n": 2, "prompts": ["q1", "q2"],
+            "token_ids": token_ids, "measured": "2026-11-29 07:00 UTC"}
+
+
+def test_entropy_switch_bench_resumes_a_sweep_from_its_replies(tmp_path, monkeypatch):
+    """With every point of the sweep already in <name>-replies.json, --resume starts no server and writes the report:
+    points in sweep order, speed-ups and agreement against the kept large-only point, a point outside the sweep
+    dropped; other settings are refused."""
+    import bench.entropy_switch as bench_entropy
+
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test_shared.jsonl").write_text(
+        "".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(1, 3)))
+    settings = {"config": "deploy/local.yaml", "group": "smollm2", "limit": 2, "tokens": 4, "concurrency": 2}
+    large = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    points = [_sweep_point("small-only", math.inf, 8.0, [[1, 9, 9, 9], [5, 6, 7, 8]]),
+              _sweep_point("large-only", -math.inf, 2.0, large),
+              _sweep_point("tau=3", 3.0, 1.0, large),   # not in this run's sweep
+              _sweep_point("tau=1", 1.0, 3.0, [[1, 2, 3, 9], [5, 6, 7, 8]])]
+    (tmp_path / "es-replies.json").write_text(json.dumps(settings | {"points": points}))
+    monkeypatch.setattr(bench_entropy, "with_server", lambda *a, **k: pytest.fail("started a server"))
+    argv = ["entropy_switch", "--config", "deploy/local.yaml", "--data", str(tmp_path), "--out", str(tmp_path),
+            "--name", "es", "--limit", "2", "--tokens", "4", "--concurrency", "2", "--thresholds", "1",
+            "--no-loglik", "--resume"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert bench_entropy.main() == 0
+    report = json.loads((tmp_path / "es.json").read_text())
+    assert [p["point"] for p in report["points"]] == ["large-only", "tau=1", "small-only"]
+    assert [p["speedup"] for p in report["points"]] == [1.0, 1.5, 4.0]
+    assert [p["agreement_prefix"] for p in report["points"]] == [1.0, 0.875, 0.625]
+    assert [p["agreement_exact"] for p in report["points"]] == [1.0, 0.5, 0.5]
+    assert report["run_s"] == 30.0 and "token_ids" not in report["points"][0]
+    assert "2026-11-29 07:00 UTC" in (tmp_path / "es.md").read_text()
+    monkeypatch.setattr("sys.argv", [a if a != "4" else "8" for a in argv])  # --tokens 8
+    with pytest.raises(SystemExit, match=r"'tokens': \(4, 8\)"):
+        bench_entropy.main()
 
 
 def test_mean_interval_against_the_t_table():
