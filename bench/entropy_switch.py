@@ -30,7 +30,6 @@ in parts; each point says when it was measured, and a speed-up then compares poi
 from __future__ import annotations
 
 import functools
-import json
 import math
 import statistics
 import time
@@ -38,7 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.quality import GSM8K_INSTRUCTION, final_number, gsm8k_problems, run_requests, wilson
-from bench.run import Progress, data_bench_parser, parse_data_bench_args, resumed, with_server, write_report
+from bench.run import (Progress, data_bench_parser, parse_data_bench_args, resumed, save_json, with_server,
+                       write_report)
 from decoding.entropy_switch import compute_saved
 
 
@@ -212,7 +212,7 @@ def main() -> int:
             results.append(result | {"measured": measured})
             # Every measured point, replies included, as soon as it is in: a stopped run (or a failure of the
             # log-likelihood pass) loses nothing, and --resume goes on from here.
-            replies_path.write_text(json.dumps(settings | {"points": results}))
+            save_json(replies_path, settings | {"points": results})
         return results
 
     if to_run and with_server(args.config, args.out / f"{args.name}-server.log", measure, progress) is None:

@@ -124,9 +124,17 @@ def parse_data_bench_args(parser: argparse.ArgumentParser) -> argparse.Namespace
     return args
 
 
+def save_json(path: Path, data, indent: int | None = None) -> None:
+    """Writes `data` to `path` as JSON through a temporary file and a rename, so a run stopped mid-write leaves the
+    earlier file whole (what a later --resume reads)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=indent))
+    temporary.replace(path)
+
+
 def write_report(out: Path, name: str, report: dict, markdown, plot) -> None:
     """<out>/<name>.json, .md (`markdown(report)`, printed too) and .png (`plot(report, path)`)."""
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    save_json(out / f"{name}.json", report, indent=2)
     table = markdown(report)
     (out / f"{name}.md").write_text(table)
     plot(report, out / f"{name}.png")
