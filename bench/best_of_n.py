@@ -342,8 +342,8 @@ def main() -> int:
     progress = Progress(1 + bool(args.speed_problems) + len(points))
     started = time.perf_counter()
     command = "python -m bench.best_of_n " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if k not in ("data", "out") and v not in (None, False))
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
+        for k, v in vars(args).items() if k not in ("data", "out") and v is not None and v is not False)
 
     def write(report: dict) -> None:
         write_report(args.out, args.name, report | {"run_s": report["run_s"] + time.perf_counter() - started,

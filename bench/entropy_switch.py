@@ -193,7 +193,9 @@ def main() -> int:
                 "concurrency": args.concurrency}
     replies_path = args.out / f"{args.name}-replies.json"
     names = [p["name"] for p in sweep]
-    results = [r for r in (resumed(replies_path, settings, "points") if args.resume else []) if r["point"] in names]
+    earlier = resumed(replies_path, settings, "points") if args.resume else []
+    results = [r for r in earlier if r["point"] in names]
+    elsewhere = [r for r in earlier if r["point"] not in names]  # points of another sweep: kept in the file
     to_run = [p for p in sweep if p["name"] not in {r["point"] for r in results}]
     progress = Progress(len(to_run) + (1 if args.loglik else 0))
 
@@ -212,7 +214,7 @@ def main() -> int:
             results.append(result | {"measured": measured})
             # Every measured point, replies included, as soon as it is in: a stopped run (or a failure of the
             # log-likelihood pass) loses nothing, and --resume goes on from here.
-            save_json(replies_path, settings | {"points": results})
+            save_json(replies_path, settings | {"points": elsewhere + results})
         return results
 
     if to_run and with_server(args.config, args.out / f"{args.name}-server.log", measure, progress) is None:

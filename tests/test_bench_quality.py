@@ -57,7 +57,7 @@ def _sweep_point(name: str, threshold: float, tokens_per_s: float, token_ids: li
     return {"point": name, "threshold": threshold, "wall_s": 10.0, "completion_tokens": 8,
             "tokens_per_s": tokens_per_s, "large_fraction": 0.5, "switches_per_request": 1.0, "compute_saved": 0.3,
             "parameter_ratio": 0.32, "accuracy": 0.5, "ci95": [0.1, 0.9], "n": 2, "prompts": ["q1", "q2"],
-            "token_ids": token_ids, "measured": "2026-11-29 07:00 UTC"}
+            "token_ids": token_ids, "measured": "2000-01-01 00:00 UTC"}
 
 
 def test_entropy_switch_bench_resumes_a_sweep_from_its_replies(tmp_path, monkeypatch):
@@ -88,10 +88,45 @@ def test_entropy_switch_bench_resumes_a_sweep_from_its_replies(tmp_path, monkeyp
     assert [p["agreement_prefix"] for p in report["points"]] == [1.0, 0.875, 0.625]
     assert [p["agreement_exact"] for p in report["points"]] == [1.0, 0.5, 0.5]
     assert report["run_s"] == 30.0 and "token_ids" not in report["points"][0]
-    assert "2026-11-29 07:00 UTC" in (tmp_path / "es.md").read_text()
+    assert "2000-01-01 00:00 UTC" in (tmp_path / "es.md").read_text()
     monkeypatch.setattr("sys.argv", [a if a != "4" else "8" for a in argv])  # --tokens 8
     with pytest.raises(SystemExit, match=r"'tokens': \(4, 8\)"):
         bench_entropy.main()
+
+
+def test_a_resumed_sweep_runs_only_its_missing_points_and_keeps_every_earlier_one(tmp_path, monkeypatch):
+    """The point missing from the replies file runs (through `run_point`, the server's part replaced), and the file
+    then holds it beside every earlier point, those of another sweep included."""
+    import bench.entropy_switch as bench_entropy
+
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test_shared.jsonl").write_text(
+        "".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(1, 3)))
+    settings = {"config": "deploy/local.yaml", "group": "smollm2", "limit": 2, "tokens": 4, "concurrency": 2}
+    large = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    earlier = [_sweep_point("large-only", -math.inf, 2.0, large), _sweep_point("tau=3", 3.0, 1.0, large),
+               _sweep_point("small-only", math.inf, 8.0, large)]
+    (tmp_path / "es-replies.json").write_text(json.dumps(settings | {"points": earlier}))
+    ran = []
+
+    def run_point(stub, point, model, problems, tokens, concurrency, progress):
+        ran.append(point["name"])
+        return {k: v for k, v in _sweep_point(point["name"], point["threshold"], 4.0, large).items()
+                if k != "measured"}
+
+    monkeypatch.setattr(bench_entropy, "run_point", run_point)
+    monkeypatch.setattr(bench_entropy, "with_server", lambda config, log, measure, progress: measure("unused:1"))
+    monkeypatch.setattr("sys.argv", ["entropy_switch", "--config", "deploy/local.yaml", "--data", str(tmp_path),
+                                     "--out", str(tmp_path), "--name", "es", "--limit", "2", "--tokens", "4",
+                                     "--concurrency", "2", "--thresholds", "1", "--no-loglik", "--resume"])
+    assert bench_entropy.main() == 0
+    assert ran == ["tau=1"]
+    saved = json.loads((tmp_path / "es-replies.json").read_text())
+    assert sorted(p["point"] for p in saved["points"]) == ["large-only", "small-only", "tau=1", "tau=3"]
+    assert saved["points"][-1]["measured"] != "2000-01-01 00:00 UTC"  # stamped when it ran
+    report = json.loads((tmp_path / "es.json").read_text())
+    assert [p["point"] for p in report["points"]] == ["large-only", "tau=1", "small-only"]
+    assert report["points"][1]["speedup"] == 2.0
 
 
 def test_mean_interval_against_the_t_table():
