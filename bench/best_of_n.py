@@ -169,9 +169,10 @@ async def sample(engine, cache: Path, key: dict, problems: list[dict], n: int, b
     return sampled
 
 
-async def bench(args, chorus, judging: str, writing: str, progress: Progress, report: dict, write) -> None:
-    """Measures the rows of `args` missing from `report` (a --resume run's kept rows) with group `judging` as the
-    judge and group `writing`'s base writing greedy replies and candidates, calling `write(report)` after each."""
+async def bench(args, chorus, judging: str, writing: str, points: list[tuple[str, int]], progress: Progress,
+                report: dict, write) -> None:
+    """Measures the (row, N) `points` (those a --resume run's `report` lacks) with group `judging` as the judge and
+    group `writing`'s base writing greedy replies and candidates, calling `write(report)` after each."""
     from server.app import make_engine
 
     group = chorus.groups[judging]
@@ -209,9 +210,7 @@ async def bench(args, chorus, judging: str, writing: str, progress: Progress, re
             async with in_flight:
                 return await selection
 
-        for row, n in row_points(args.rows, args.n):
-            if any(r["row"] == row and r["n"] == n for r in report["rows"]):
-                continue
+        for row, n in points:
             progress.begin(f"{row}, N = {n}")
             started = time.perf_counter()
             texts = [cands[:n] for cands in candidates]
@@ -349,7 +348,7 @@ def main() -> int:
         write_report(args.out, args.name, report | {"run_s": report["run_s"] + time.perf_counter() - started,
                                                     "command": command}, markdown, plot)
 
-    asyncio.run(bench(args, chorus, judging, writing, progress, report, write))
+    asyncio.run(bench(args, chorus, judging, writing, points, progress, report, write))
     return 0
 
 
