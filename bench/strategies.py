@@ -22,7 +22,8 @@ Forward floor: a strategy's request steps one row per stream on each model it us
 its plan's streams: the amateur, the base on a lame/negative context, in-context experts; a stream reusing the
 base's logits costs no row) in one batched forward per model. At c clients the engine admits
 min(c, max_batch_size // rows) requests per model at once, so a step is, at the least, one decode forward of each
-model at admitted × its rows. Each is timed here on the engine's ModelRunner (slot KV cache, the engine's torch
+model at admitted × its rows. An early-exit amateur on the base's prompt is read from the base's forward: it takes
+no slot and costs its model's head (final norm and output projection) at admitted rows, "MODEL (head)". Each is timed here on the engine's ModelRunner (slot KV cache, the engine's torch
 thread count, chat prompts at about the requests' mid-generation length; median of --floor-steps forwards) and
 summed: time per step (inter-token latency p50 through the server) / floor. Skipped on a vLLM base (its base
 forward is vLLM's, not timed here).
@@ -75,6 +76,9 @@ def generate_request(fields: dict, i: int, max_tokens: int):
                               **fields)
 
 
+HEAD = " (head)"  # a model's head alone: an early-exit stream read from the base's forward
+
+
 class LocalModels:
     """The group's models on transformers, loaded once in this process: their forward times (the floor) and the
     naive research-style implementation of each strategy."""
@@ -84,7 +88,7 @@ class LocalModels:
 
         from server.config import load_deploy_file
         from server.engines.prompts import load_tokenizer
-        from server.lockstep.guides import ModelLoader
+        from server.lockstep.guides import ModelLoader, early_exits_of
         from server.models import resolve_model_path
         from server.strategies.registry import PlanResolver
 
@@ -93,6 +97,7 @@ class LocalModels:
         torch.set_num_threads(self.group.torch_threads or os.cpu_count())  # as the engine's thread
         loader = ModelLoader(config.models)
         self.models = {name: loader.load(name) for name in {self.group.base, *self.group.guide_models}}
+        self.exits = early_exits_of(config.models, self.group.base, self.group.guide_models)
         self.tokenizer = load_tokenizer(resolve_model_path(config.models[self.group.base].path))
         self.resolver = PlanResolver(self.group, self.tokenizer, 2048, config.models)
         self.vocab = len(self.tokenizer)
@@ -107,25 +112,40 @@ class LocalModels:
 
     def rows(self, fields: dict) -> dict[str, int]:
         """Rows a request of this strategy steps on each model per decode step: its base stream and each of its
-        plan's streams on a model (as the engine's LockstepHost.slots_needed counts KV slots)."""
-        _, spec = self._resolve(fields, 0, 1)
+        plan's streams on a model (as the engine's LockstepHost.slots_needed counts KV slots), and "MODEL (head)"
+        for the early-exit streams the engine reads from the base's forward (no slot, one head row each)."""
+        from server.lockstep.host import exit_streams
+
+        ids, spec = self._resolve(fields, 0, 1)
+        read = exit_streams(spec, ids, self.exits)
         need = collections.Counter([self.group.base])
-        need.update(s.model for s in (spec.streams if spec else ()) if s.model is not None)
+        need.update(s.model + HEAD if i in read else s.model
+                    for i, s in enumerate(spec.streams if spec else ()) if s.model is not None)
         return dict(need)
 
     def step_batches(self, rows: dict[str, int], clients: int) -> tuple[int, dict[str, int]]:
-        """(requests stepped together at `clients` clients, the batch of each model's forward)."""
-        admitted = min(clients, *(self.group.max_batch_size // n for n in rows.values()))
+        """(requests stepped together at `clients` clients, the batch of each model's forward or head)."""
+        admitted = min(clients, *(self.group.max_batch_size // n for m, n in rows.items() if not m.endswith(HEAD)))
         return admitted, {model: admitted * n for model, n in rows.items()}
 
     def forward_s(self, model: str, batch: int, steps: int, generated: int) -> float:
         """Median time of one batched decode forward of `model` over `batch` sequences (chat prompts, different per
-        row) about `generated` tokens past their prompt, on the engine's ModelRunner."""
+        row) about `generated` tokens past their prompt, on the engine's ModelRunner; for "MODEL (head)", of its
+        head over `batch` hidden states."""
         import torch
 
         from server.lockstep.runner import ModelRunner
 
         warm = 3
+        if model.endswith(HEAD):
+            runner = ModelRunner(self.models[model.removesuffix(HEAD)], vocab_size=self.vocab, max_slots=1, max_len=1)
+            hidden = torch.randn(batch, runner.model.config.hidden_size, dtype=runner.model.dtype)
+            samples = []
+            for _ in range(warm + steps):
+                begun = time.perf_counter()
+                runner.head(hidden)
+                samples.append(time.perf_counter() - begun)
+            return statistics.median(samples[warm:])
         prompts = [self._resolve({}, i, 1)[0] for i in range(batch)]
         runner = ModelRunner(self.models[model], vocab_size=self.vocab, max_slots=batch,
                              max_len=max(len(p) for p in prompts) + generated + warm + steps)

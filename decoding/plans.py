@@ -63,6 +63,10 @@ class PlanSpec:
 
 class Plan(abc.ABC):
     params_type: type  # the strategy params a plan of this class runs
+    # Whether every step reads the base and every extra stream (`needs_base` and `streams_at` never skip one). An
+    # engine may then compute a stream from the base's own forward where it is an early-exit view of the base on
+    # the same context (its first k layers are the base's).
+    reads_every_stream_every_step = True
 
     def __init__(self, spec: PlanSpec):
         if not isinstance(spec.params, self.params_type):
@@ -304,6 +308,7 @@ class EntropySwitchPlan(Plan):
     """Streams [the small model on the prompt]; the base is the large model. At each position only the active
     model's forward runs (`needs_base` / `streams_at`); the other catches up when it next becomes active."""
     params_type = EntropySwitchParams
+    reads_every_stream_every_step = False
 
     def __init__(self, spec: PlanSpec):
         super().__init__(spec)

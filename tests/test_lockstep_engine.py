@@ -7,12 +7,17 @@ import dataclasses
 import math
 
 import pytest
+import torch
 
 from decoding.errors import InvalidArgument
+from decoding.plans import ContrastivePlan, EntropySwitchPlan, PlanSpec, StreamSpec
 from decoding.strategies import ContrastiveParams, EntropySwitchParams, LogitFusionParams, RefusalSteeringParams
 from server.calibration import calibrate_entropy
 from server.engines.transformers_engine import TransformersEngine
 from server.errors import FailedPrecondition
+from server.lockstep.guides import ModelLoader, early_exits_of
+from server.lockstep.host import LockstepHost
+from server.lockstep.runner import ModelRunner
 from tests import independent_reference as reference
 from tests.strategy_cases import (BASE, GROUP, LOCAL_CONFIG, QUESTIONS, REFERENCE_MAX_LEN, STEPS, STRATEGIES,
                                   assert_equal_to_reference, collect, engine_weights, reference_trace,
@@ -107,6 +112,46 @@ def greedy(model: str, prompt: list[int], steps: int) -> list[int]:
     for _ in range(steps):
         tokens.append(int(reference.logits(model, tuple(prompt + tokens))[0].argmax()))
     return tokens
+
+
+def test_an_early_exit_amateur_on_the_prompt_is_read_from_the_bases_forward(tokenizer):
+    """CD with the early-exit amateur on the base's own prompt: the host reads the amateur's logits from the base's
+    forward (its head on the hidden state after layer 8) and opens no slot on the amateur's model; the fused scores
+    equal a host that runs the amateur as a model of its own, step for step, beside a request whose amateur is on
+    another context (a slot of its own). Entropy switching skips the base at some positions: its small model keeps
+    a slot of its own."""
+    loader = ModelLoader(LOCAL_CONFIG.models)
+
+    def host(exits):
+        runners = {BASE: ModelRunner(loader.load(BASE), vocab_size=len(tokenizer), max_slots=2, max_len=128,
+                                     exit_layers=exits.values()),
+                   EXIT8: ModelRunner(loader.load(EXIT8), vocab_size=len(tokenizer), max_slots=2, max_len=128)}
+        return LockstepHost(runners, len(tokenizer), base_model=BASE, exits=exits)
+
+    read, own = host(early_exits_of(LOCAL_CONFIG.models, BASE, [EXIT8])), host({})
+    assert read.exits == {EXIT8: 8}
+    prompts = {"same": tokenizer.encode("The capital of France is"), "other": tokenizer.encode("Once upon a time")}
+    specs = {key: PlanSpec(plan=ContrastivePlan, params=ContrastiveParams(),
+                           streams=(StreamSpec(EXIT8, tuple(prompts["same"])),), guide="exit8")
+             for key in prompts}
+    assert read.slots_needed(specs["same"], prompts["same"]) == {BASE: 1}
+    assert read.slots_needed(specs["other"], prompts["other"]) == {BASE: 1, EXIT8: 1}
+    assert own.slots_needed(specs["same"], prompts["same"]) == {BASE: 1, EXIT8: 1}
+    switch = PlanSpec(plan=EntropySwitchPlan, params=EntropySwitchParams(threshold=1.0),
+                      streams=specs["same"].streams, guide="exit8", threshold=1.0)
+    assert read.slots_needed(switch, prompts["same"]) == {BASE: 1, EXIT8: 1}
+    for h in (read, own):
+        for key in prompts:
+            h.add(key, specs[key], base_context=prompts[key])
+    assert len(read.runners[EXIT8].live) == 1 and len(own.runners[EXIT8].live) == 2
+    generated = {key: [] for key in prompts}
+    for _ in range(8):
+        rows = [(key, generated[key]) for key in prompts]
+        fused = read.step(rows)
+        assert torch.allclose(fused, own.step(rows), atol=1e-4)
+        for key, row in zip(prompts, fused):
+            generated[key].append(int(row.argmax()))
+    assert read.forward_passes("same") == own.forward_passes("same") == {BASE: 8, EXIT8: 8}
 
 
 def test_infinite_thresholds_give_one_models_greedy_output(engine):

@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 import torch
 
 from server.lockstep.runner import ModelRunner, padding_groups
@@ -160,3 +161,41 @@ def test_rows_of_very_different_lengths_go_in_separate_forwards_with_the_same_lo
         assert torch.allclose(scored[1, -3:], want, atol=1e-4)
         want = hf_model(torch.tensor([long_prompt])).logits[0, -8:].float().log_softmax(-1)
         assert torch.allclose(scored[0], want, atol=1e-4)
+
+
+def test_exit_states_give_the_early_exit_views_logits_on_every_kind_of_forward(hf_model, tokenizer):
+    """A runner keeping layer 8's hidden states: its head on them equals an early-exit view's own runner on the
+    same tokens, after a whole-prompt extend, ragged chunked prefills, a decode of all slots in a shuffled order
+    (the batch is in cache order) and a decode of some; a fork copies them; a runner without exit layers keeps
+    none."""
+    from server.lockstep.guides import early_exit_view
+
+    full = ModelRunner(hf_model, vocab_size=len(tokenizer), max_slots=4, max_len=128, exit_layers=[8])
+    view = ModelRunner(early_exit_view(hf_model, 8), vocab_size=len(tokenizer), max_slots=3, max_len=128)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    ours, theirs = [full.open() for _ in prompts], [view.open() for _ in prompts]
+
+    def check(slots, want):
+        got = full.head(torch.stack([s.exit_states[8] for s in slots]))
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+    full.extend(ours[0], prompts[0])
+    check(ours[:1], view.extend(theirs[0], prompts[0])[None])
+    rows = [1, 2]
+    pieces = [prompts[1][:4], prompts[2]]
+    full.extend_many([ours[i] for i in rows], pieces)
+    check([ours[i] for i in rows], view.extend_many([theirs[i] for i in rows], pieces))
+    full.extend_many([ours[1]], [prompts[1][4:]])
+    check([ours[1]], view.extend_many([theirs[1]], [prompts[1][4:]]))
+    for order in ([2, 0, 1], [1, 2]):
+        tokens = [prompts[i][0] for i in order]
+        full.decode([ours[i] for i in order], tokens)
+        check([ours[i] for i in order], view.decode([theirs[i] for i in order], tokens))
+    fork = full.fork(ours[2])
+    assert torch.equal(fork.exit_states[8], ours[2].exit_states[8])
+    plain = ModelRunner(hf_model, vocab_size=len(tokenizer), max_slots=1, max_len=128)
+    slot = plain.open()
+    plain.extend(slot, prompts[0])
+    assert slot.exit_states == {}
+    with pytest.raises(ValueError, match="layers are 1..30"):
+        ModelRunner(hf_model, vocab_size=len(tokenizer), max_slots=1, max_len=128, exit_layers=[30])

@@ -299,7 +299,7 @@ def test_host_external_streams_take_no_slot_and_fuse_the_logits_handed_in(lockst
         add_special_tokens=False)
     spec = PlanResolver(GROUP, tokenizer, 256, LOCAL_CONFIG.models).resolve(req, prompt)
     assert [s.model for s in spec.streams] == [BASE]
-    assert host.slots_needed(spec, with_base=False, external=[0]) == collections.Counter()
+    assert host.slots_needed(spec, external=[0]) == collections.Counter()
     free = host.runners[BASE].free_slots
     host.add("hosted", spec)
     host.add("external", spec, external=[0])

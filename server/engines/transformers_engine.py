@@ -38,7 +38,7 @@ from decoding.text import IncrementalDetokenizer, StopStringMatcher
 from server.config import ChorusConfig, GroupSpec, ModelSpec
 from server.engines.base import (Engine, EngineInfo, EngineLoad, GenerationChunk, GenerationRequest, PhaseTimes,
                                  Usage)
-from server.lockstep.guides import ModelLoader
+from server.lockstep.guides import ModelLoader, early_exits_of
 from server.strategies.registry import PlanResolver, availability
 from server.engines.prompts import check_reads, check_token_ids, load_tokenizer, prompt_token_ids, stop_token_ids
 from server.lockstep.host import LockstepHost
@@ -170,19 +170,22 @@ class TransformersEngine(Engine):
         if group.torch_threads:
             torch.set_num_threads(group.torch_threads)
         path = resolve_model_path(model.path)
-        loader = ModelLoader(config.models if config else {model.name: model})
+        models = config.models if config else {model.name: model}
+        loader = ModelLoader(models)
         hf_model = loader.load(model.name)
         self._eos = stop_token_ids(self.tokenizer, path, hf_model.config)
         self.max_model_len = model.max_model_len or min(hf_model.config.max_position_embeddings, 4096)
-        self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len,
-                                      config.models if config else {model.name: model})
-        # One runner (slot KV cache) per model: the base, and each distinct guide model. A stream takes one slot.
+        self._resolver = PlanResolver(group, self.tokenizer, self.max_model_len, models)
+        # One runner (slot KV cache) per model: the base, and each distinct guide model. A stream takes one slot;
+        # the base's runner keeps the hidden states its early-exit guides end at (read without a forward of theirs).
+        exits = early_exits_of(models, model.name, group.guide_models)
         runners = {name: ModelRunner(hf_model if name == model.name else loader.load(name),
                                      vocab_size=len(self.tokenizer), max_slots=group.max_batch_size,
-                                     max_len=self.max_model_len)
+                                     max_len=self.max_model_len,
+                                     exit_layers=exits.values() if name == model.name else ())
                    for name in dict.fromkeys([model.name, *group.guide_models])}
         self._device = runners[model.name].device
-        self._host = LockstepHost(runners, len(self.tokenizer), base_model=model.name)
+        self._host = LockstepHost(runners, len(self.tokenizer), base_model=model.name, exits=exits)
 
     # ---- the caller's side (asyncio) ----
 
@@ -200,7 +203,7 @@ class TransformersEngine(Engine):
 
     def _sequence(self, request: GenerationRequest, prompt_ids: list[int], plan: PlanSpec | None, seed: int,
                   events: asyncio.Queue) -> _Sequence:
-        slots = self._host.slots_needed(plan, with_base=True)
+        slots = self._host.slots_needed(plan, base_context=prompt_ids)
         why = self._host.unservable(slots)
         if why:
             raise FailedPrecondition(why)

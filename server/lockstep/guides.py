@@ -7,6 +7,8 @@ enforces that when the server loads its config; a mismatch stops it with a messa
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from server.config import ChorusConfig, ModelSpec
@@ -104,6 +106,18 @@ def parameter_count(spec: ModelSpec) -> int:
     return model.num_parameters() - embedding.numel() + (head.numel() if head is embedding else 0)
 
 
+def early_exits_of(models: dict[str, ModelSpec], base: str, names: Sequence[str]) -> dict[str, int]:
+    """The models among `names` that are early-exit views of the checkpoint `base` runs whole (the same weights,
+    dtype and device): name → its layer count. Their layers are the base's first ones, so on the base's context
+    they need no forward of their own (`LockstepHost` reads them from the base's)."""
+    spec = models[base]
+    if spec.early_exit_layers:
+        return {}
+    key = ModelLoader.checkpoint_key(spec)
+    return {name: models[name].early_exit_layers for name in names
+            if models[name].early_exit_layers and ModelLoader.checkpoint_key(models[name]) == key}
+
+
 class ModelLoader:
     """Loads each checkpoint once per replica; early-exit models are views of an already loaded checkpoint."""
 
@@ -116,10 +130,15 @@ class ModelLoader:
         full = self._checkpoint(spec)
         return early_exit_view(full, spec.early_exit_layers) if spec.early_exit_layers else full
 
+    @staticmethod
+    def checkpoint_key(spec: ModelSpec) -> tuple[str, str, str]:
+        """Models with equal keys share one loaded checkpoint."""
+        return resolve_model_path(spec.path), spec.dtype, spec.device
+
     def _checkpoint(self, spec: ModelSpec):
         from transformers import AutoModelForCausalLM
 
-        key = (resolve_model_path(spec.path), spec.dtype, spec.device)
+        key = self.checkpoint_key(spec)
         if key not in self._loaded:
             self._loaded[key] = AutoModelForCausalLM.from_pretrained(
                 key[0], dtype=getattr(torch, spec.dtype)).to(spec.device).eval()

@@ -9,7 +9,11 @@ One host serves both engines, keyed by an opaque request key:
     add(key, spec, base_context=None, generated=(), prefill_now=True, external=())
         open the request's streams (one KV slot each) and prefill them with their contexts (plus `generated`, when a
         preempted vLLM request comes back); with `base_context`, a base stream on the host's base model too; the
-        plan streams listed in `external` take no slot: the caller hands in their logits at every step
+        plan streams listed in `external` take no slot: the caller hands in their logits at every step; nor does
+        a stream on an early-exit view of the base (`exits`) on `base_context` in a plan that reads every stream
+        at every step: its logits are the view's head on the base stream's hidden state after the view's last
+        layer (`ModelRunner.exit_layers`), so it costs a head, not a forward (contrastive decoding's early-exit
+        amateur; Gera et al. 2023 contrast layers of one forward the same way)
     prefill(budget) -> ready keys
         with prefill_now=False, the contexts are fed in chunks instead, at most `budget` tokens a call, the chunks
         of all newcomers in one forward per model, so a long prompt never stalls the running sequences for long
@@ -53,6 +57,16 @@ ReportSink = Callable[[str, int, object, dict], None]
 """(request key, position, the plan's record of that step, the request's forward passes per hosted model so far)."""
 
 
+def exit_streams(spec: PlanSpec | None, base_context: Sequence[int] | None, exits: dict[str, int]) -> set[int]:
+    """The plan streams a host with early-exit views `exits` reads from the base's forward: streams on those views
+    on the base's own context, in a plan that reads every stream at every step (the base's forward then runs
+    wherever they are read)."""
+    if spec is None or base_context is None or not spec.plan.reads_every_stream_every_step:
+        return set()
+    context = tuple(base_context)
+    return {i for i, s in enumerate(spec.streams) if s.model in exits and s.ids == context}
+
+
 @dataclasses.dataclass
 class StepRecords:
     """What a sink received for one request: the plan's record per fused position (a position fused again replaces
@@ -92,12 +106,21 @@ class _ExternalStream:
 
 
 @dataclasses.dataclass(eq=False)
+class _ExitStream:
+    """A plan stream on an early-exit view of the base model on the base stream's context: no slot; each step its
+    logits are the view's head on the base stream's hidden state after `layer` (equal to the view's own forward)."""
+    model: str
+    layer: int
+    logits: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(eq=False)
 class _Request:
     plan: Plan | None
     base: _Stream | None  # None: the caller hands in the base's logits
-    # Per plan stream: its own stream, or None where the plan reuses the base's logits (the base on the prompt), or
-    # an external one the caller runs.
-    streams: list[_Stream | _ExternalStream | None]
+    # Per plan stream: its own stream, or None where the plan reuses the base's logits (the base on the prompt), an
+    # external one the caller runs, or an early-exit view read from the base's forward.
+    streams: list[_Stream | _ExternalStream | _ExitStream | None]
     forward_passes: collections.Counter
 
     def own_streams(self) -> list[_Stream]:
@@ -109,11 +132,18 @@ class LockstepHost:
     PARKED_PLANS = 1024
 
     def __init__(self, runners: dict[str, ModelRunner], vocab_size: int, sink: ReportSink | None = None,
-                 base_model: str | None = None):
+                 base_model: str | None = None, exits: dict[str, int] | None = None):
         """`runners`: one per hosted model; `base_model`: the one base streams run on (the transformers engine);
-        `sink`: where each fused step's record goes (the vLLM processors)."""
+        `sink`: where each fused step's record goes (the vLLM processors); `exits`: the hosted models that are
+        early-exit views of the base model (name → its layer count), each layer one the base's runner keeps
+        (`exit_layers`)."""
+        exits = exits or {}
+        for name, layer in exits.items():
+            if base_model is None or layer not in runners[base_model].exit_layers:
+                raise ValueError(f"early-exit model {name!r}: the base model's runner does not keep layer {layer}")
         self.runners = runners
         self.base_model = base_model
+        self.exits = exits
         self.vocab_size = vocab_size
         self._sink = sink
         self._requests: dict[str, _Request] = {}
@@ -125,12 +155,14 @@ class LockstepHost:
 
     # ---- capacity ----
 
-    def slots_needed(self, spec: PlanSpec | None, with_base: bool, external: Sequence[int] = ()) -> collections.Counter:
-        """KV slots per model a request takes: its base stream (`with_base`) and each stream on a model that is not
-        `external`."""
-        need = collections.Counter([self.base_model] if with_base else [])
+    def slots_needed(self, spec: PlanSpec | None, base_context: Sequence[int] | None = None,
+                     external: Sequence[int] = ()) -> collections.Counter:
+        """KV slots per model a request takes: its base stream (with a `base_context`) and each stream on a model
+        that is neither `external` nor read from the base's forward."""
+        need = collections.Counter([self.base_model] if base_context is not None else [])
+        exits = exit_streams(spec, base_context, self.exits)
         need.update(s.model for i, s in enumerate(spec.streams if spec else ())
-                    if s.model is not None and i not in external)
+                    if s.model is not None and i not in external and i not in exits)
         return need
 
     def unservable(self, need: collections.Counter) -> str | None:
@@ -153,7 +185,7 @@ class LockstepHost:
         """Opens the request's streams and prefills them now, or with `prefill_now=False` in chunks over later
         `prefill` calls (the request is stepped only once `prefill` has reported it ready). The plan streams in
         `external` are the caller's: `step` reads their logits from its `external_logits`."""
-        need = self.slots_needed(spec, with_base=base_context is not None, external=external)
+        need = self.slots_needed(spec, base_context, external)
         why = self.unservable(need)
         if why is None and not self.fits(need):
             why = "; ".join(f"model {n!r} has {self.runners[n].free_slots} free KV slots, the request needs {k}"
@@ -169,9 +201,13 @@ class LockstepHost:
         if base_context is not None:
             request.base = self._open(request, self.base_model, base_context, generated, prefill_now,
                                       lazy=plan is not None and not plan.needs_base(position))
+        exits = exit_streams(spec, base_context, self.exits)
         for i, stream in enumerate(spec.streams if spec else ()):
             if i in external:
                 request.streams.append(_ExternalStream(stream.model))
+                continue
+            if i in exits:
+                request.streams.append(_ExitStream(stream.model, self.exits[stream.model]))
                 continue
             request.streams.append(None if stream.model is None else
                                    self._open(request, stream.model, stream.ids, generated, prefill_now,
@@ -262,6 +298,7 @@ class LockstepHost:
         needed = [self._needed(request, position) for request, position in zip(requests, positions)]
         self._feed([(request, stream, generated) for request, streams, (_, generated) in zip(requests, needed, rows)
                     for stream in streams])
+        self._read_exits(requests, positions)
         vocab = self.vocab_size
         # A base its plan does not read here may never have run (lazy): NaN, which no plan reads.
         base = torch.stack([
@@ -333,6 +370,22 @@ class LockstepHost:
         decoded = decode_streams(self.runners, [(s.model, s.slot, token) for s, token in one_step])
         for (stream, _), logits in zip(one_step, decoded):
             stream.logits = logits
+
+    def _read_exits(self, requests: Sequence[_Request], positions: Sequence[int]) -> None:
+        """The logits of the early-exit streams read at these positions: one head call per view model over the exit
+        states of their base streams (fed up to the position just before). Each counts a forward pass of its model:
+        its layers ran inside the base's forward."""
+        reads: dict[str, list[tuple[_Request, _ExitStream]]] = collections.defaultdict(list)
+        for request, position in zip(requests, positions):
+            for i in request.plan.streams_at(position) if request.plan is not None else ():
+                stream = request.streams[i]
+                if isinstance(stream, _ExitStream):
+                    reads[stream.model].append((request, stream))
+        for model, members in reads.items():
+            hidden = torch.stack([request.base.slot.exit_states[stream.layer] for request, stream in members])
+            for (request, stream), logits in zip(members, self.runners[model].head(hidden)):
+                stream.logits = logits
+                request.forward_passes[model] += 1
 
     @staticmethod
     def _stream_rows(request: _Request, base: torch.Tensor, position: int) -> torch.Tensor:

@@ -64,17 +64,21 @@ class SlotsExhausted(RuntimeError):
 
 @dataclasses.dataclass(eq=False)
 class Slot:
-    """A live sequence's row in the cache. `index` changes when the cache compacts; `length` is tokens cached."""
+    """A live sequence's row in the cache. `index` changes when the cache compacts; `length` is tokens cached.
+    `exit_states`: for each of the runner's `exit_layers` k, the hidden state after layer k at the last token fed."""
     index: int
     length: int = 0
+    exit_states: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 class ModelRunner:
     def __init__(self, model, *, vocab_size: int, max_slots: int, max_len: int,
-                 forward_overhead_tokens: int | None = None):
+                 forward_overhead_tokens: int | None = None, exit_layers: Sequence[int] = ()):
         """`forward_overhead_tokens`: the per-forward cost `padding_groups` weighs padding against (default: by the
         model's device type, FORWARD_OVERHEAD_TOKENS; a very large value keeps every batch of ragged rows in one
-        padded forward)."""
+        padded forward). `exit_layers`: layers k whose hidden state h_k each forward over slots keeps in its slots'
+        `exit_states`, so that an early-exit view of this model (the first k layers, the same final norm and head)
+        on the same tokens needs no forward of its own: its logits are `head(h_k)` (`early_exit_view`)."""
         config = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -89,6 +93,10 @@ class ModelRunner:
             dtype=model.dtype, device=self.device)
         self.live: list[Slot] = []
         self.forward_passes = 0
+        self.exit_layers = tuple(sorted(set(exit_layers)))
+        for k in self.exit_layers:
+            if not 1 <= k < config.num_hidden_layers:
+                raise ValueError(f"exit layer {k}: the model's layers are 1..{config.num_hidden_layers}")
 
     @property
     def free_slots(self) -> int:
@@ -119,6 +127,7 @@ class ModelRunner:
         copy = self.open()
         self.cache.move(slot.index, copy.index, slot.length)
         copy.length = slot.length
+        copy.exit_states = dict(slot.exit_states)
         return copy
 
     @torch.inference_mode()
@@ -161,7 +170,7 @@ class ModelRunner:
         keys = torch.arange(start + count, device=self.device)
         mask = (keys.unsqueeze(0) <= positions.squeeze(0).unsqueeze(1))[None, None]
         self.cache.plan_extend(slot.index, start, count)
-        logits = self._forward(ids, mask, positions)
+        logits = self._forward(ids, mask, positions, [slot])
         slot.length += count
         return logits[0]
 
@@ -199,7 +208,7 @@ class ModelRunner:
         keys = torch.arange(int(positions.max()) + 1, device=self.device)
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
         self.cache.plan_decode(torch.tensor([s.index for s in slots], device=self.device), positions)
-        logits = self._forward(ids, mask, positions)
+        logits = self._forward(ids, mask, positions, slots)
         for slot, tokens in zip(slots, token_lists):
             slot.length += len(tokens)
         return logits
@@ -221,16 +230,44 @@ class ModelRunner:
         keys = torch.arange(int(positions.max()) + 1, device=self.device)
         mask = (keys.unsqueeze(0) <= positions.unsqueeze(1))[:, None, None, :]
         self.cache.plan_decode(len(slots) if whole else rows, positions)
-        logits = self._forward(ids.unsqueeze(1), mask, positions.unsqueeze(1))
+        batch_order = sorted(slots, key=lambda s: s.index) if whole else slots
+        logits = self._forward(ids.unsqueeze(1), mask, positions.unsqueeze(1), batch_order)
         for s in slots:
             s.length += 1
         return logits[rows] if whole else logits
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 slots: Sequence[Slot]) -> torch.Tensor:
+        """One forward of the batch whose row i is `slots[i]`, each row's last token in the last column; keeps each
+        slot's hidden state after every exit layer (hooks live only for this forward: the layer modules are shared
+        with early-exit views of this model, whose own forwards keep nothing)."""
+        states: dict[int, torch.Tensor] = {}
+
+        def keeper(layer: int):
+            def keep(module, inputs, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                states[layer] = hidden[:, -1].clone()  # not a view that keeps the whole block alive
+            return keep
+
+        layers = self.model.model.layers
+        hooks = [layers[k - 1].register_forward_hook(keeper(k)) for k in self.exit_layers]
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=1)
+        finally:
+            for hook in hooks:
+                hook.remove()
         self.forward_passes += 1
+        for k, hidden in states.items():
+            for row, slot in enumerate(slots):
+                slot.exit_states[k] = hidden[row]
         return out.logits[:, -1, :self.vocab_size].float()
+
+    @torch.inference_mode()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, V] (float32) from hidden states [B, H] before the final norm: the last step of this
+        model's forward, for an early-exit view's rows whose layers ran inside the full model's forward."""
+        return self.model.lm_head(self.model.model.norm(hidden))[:, :self.vocab_size].float()
 
 
 def decode_streams(runners: dict[str, ModelRunner], streams: list[tuple[str, Slot, int]]) -> list[torch.Tensor]:

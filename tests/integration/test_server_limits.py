@@ -48,8 +48,8 @@ CD = dict(contrastive=pb.ContrastiveDecoding())
 
 
 def test_a_full_queue_is_resource_exhausted_and_freed_slots_and_queue_places_are_reused(stub):
-    # A holds the only slot of the base and of the amateur (long enough to outlast this test on a fast machine);
-    # ListModels counts it as running.
+    # A holds the only slot of the base (its amateur, the base's early exit on the same prompt, is read from the
+    # base's forward; long enough to outlast this test on a fast machine); ListModels counts it as running.
     holder = stub.GenerateStream(chat(1800, **CD), timeout=120)
     next(holder)
     wait_for_load(stub, (1, 0))
