@@ -245,15 +245,12 @@ def repetition_ratios(rep: dict, names: list[str], levels: list[int], floors: di
             for c in levels:
                 ratios[f"{name}_itl_p50_at_{c}_vs_forward_floor"] = chorus[name][c]["itl_ms_p50"] / 1000 / \
                     floors[name][c]
-        forward = rep["forward_s"]
-        base, amateur = forward["base"]["1"], forward["amateur"]["1"]
-        if "cd" in chorus:  # the batch-1 ratios of earlier runs, kept under their names
-            ratios[f"server_cd_itl_at_{low}_vs_base_plus_amateur_forward"] = \
-                chorus["cd"][low]["itl_ms_p50"] / 1000 / (base + amateur)
+        base = rep["forward_s"]["base"]["1"]
         ratios[f"server_plain_itl_at_{low}_vs_base_forward"] = chorus["plain"][low]["itl_ms_p50"] / 1000 / base
         engine = rep["engine_itl_s_p50"]
-        ratios["engine_cd_itl_vs_base_plus_amateur_forward"] = engine["cd"] / (base + amateur)
         ratios["engine_plain_itl_vs_base_forward"] = engine["plain"] / base
+        if "cd" in floors and low == 1:  # one request: the floor at 1 client is the in-process engine's too
+            ratios["engine_cd_itl_vs_forward_floor"] = engine["cd"] / floors["cd"][low]
     return ratios
 
 
