@@ -23,10 +23,10 @@ its plan's streams: the amateur, the base on a lame/negative context, in-context
 base's logits costs no row) in one batched forward per model. At c clients the engine admits
 min(c, max_batch_size // rows) requests per model at once, so a step is, at the least, one decode forward of each
 model at admitted × its rows. An early-exit amateur on the base's prompt is read from the base's forward: it takes
-no slot and costs its model's head (final norm and output projection) at admitted rows, "MODEL (head)". Each is timed here on the engine's ModelRunner (slot KV cache, the engine's torch
-thread count, chat prompts at about the requests' mid-generation length; median of --floor-steps forwards) and
-summed: time per step (inter-token latency p50 through the server) / floor. Skipped on a vLLM base (its base
-forward is vLLM's, not timed here).
+no slot and costs its model's head (final norm and output projection) at admitted rows, "MODEL (head)". Each is
+timed here on the engine's ModelRunner (slot KV cache, the engine's torch thread count, chat prompts at about the
+requests' mid-generation length; median of --floor-steps forwards) and summed: time per step (inter-token latency
+p50 through the server) / floor. Skipped on a vLLM base (its base forward is vLLM's, not timed here).
 
 Naive: what the papers' reference scripts do — one request at a time, transformers `generate` with the base model's
 KV cache, and a LogitsProcessor that recomputes every other stream (amateur, lame/negative context, experts) from
