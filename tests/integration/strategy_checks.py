@@ -278,9 +278,10 @@ def test_every_strategy_knob_at_a_non_default_value_is_accepted_and_takes_effect
 
 
 def test_cancelled_and_expired_strategy_requests_give_back_their_guide_slots(stub, server):
-    """A request of every strategy and mode is cancelled, then as many contrastive requests as the group has slots
-    expire; then as many contrastive requests as there are slots (each takes one on the base and one on the
-    amateur) must all run at once."""
+    """A request of every strategy and mode is cancelled, then as many entropy-switching requests as the group has
+    slots expire; then as many entropy-switching requests as there are slots (each takes one on the base and one on
+    the small model: its small model runs without the base, so it is never read from the base's forward as CD's
+    early-exit amateur is) must all run at once."""
     config = load_deploy_file(ROOT / server.config).chorus
     slots = next(g for g in config.groups.values() if g.base == config.default_model).max_batch_size
 
@@ -303,10 +304,11 @@ def test_cancelled_and_expired_strategy_requests_give_back_their_guide_slots(stu
     # Expired while decoding or waiting.
     with ThreadPoolExecutor(slots) as pool:
         codes = list(pool.map(lambda r: status_of(lambda: stub.Generate(r, timeout=2)),
-                              [long(MODES["cd"], prompt=f"Count to {i}:") for i in range(slots)]))
+                              [long(MODES["entropy-switch"], prompt=f"Count to {i}:") for i in range(slots)]))
     assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * slots, f"{codes}:\n{server.log()[-3000:]}"
-    # Every slot is free again: `slots` long contrastive requests are all admitted (a first token each) together.
-    streams = [stub.GenerateStream(long(MODES["cd"], prompt=f"Count to {i}:"), timeout=120) for i in range(slots)]
+    # Every slot is free again: `slots` long requests are all admitted (a first token each) together.
+    streams = [stub.GenerateStream(long(MODES["entropy-switch"], prompt=f"Count to {i}:"), timeout=120)
+               for i in range(slots)]
     try:
         for stream in streams:
             next(stream)
