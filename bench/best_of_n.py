@@ -30,7 +30,8 @@ Wilson interval) per row and N, with judge calls and wall time per problem (--co
 Writes <out>/<name>.json, .md and .png after every row, each row stamped with when it ran. The greedy replies and
 the candidates are kept in <out>/best-of-n-candidates-<model>-<limit>x<tokens>.json, written after every chunk of
 problems sampled (a stopped run loses at most one chunk) and read back by a later run with the same config, problems
-and tokens needing at most as many candidates. --resume keeps the rows (and the speed measurement) of an earlier
+and tokens; a later run wanting more candidates samples only the missing ones (candidate k draws with seed + k, so
+they are those an N-candidate request gets). --resume keeps the rows (and the speed measurement) of an earlier
 <out>/<name>.json measured with the same settings (config, both models, --limit, --tokens, --judge-tokens,
 --concurrency; refused otherwise, naming the difference) and runs only the others, so a table too long for one
 sitting is measured in parts.
@@ -133,19 +134,25 @@ def candidates_cache(out: Path, config: str, model: str, limit: int, tokens: int
 async def sample(engine, cache: Path, key: dict, problems: list[dict], n: int, batch: int,
                  progress: Progress) -> dict:
     """The greedy reply and `n` candidates (temperature 0.7, seed = the problem's index) of every problem, read from
-    `cache` as far as an earlier run of the same key with at least `n` candidates got, the rest sampled in chunks
-    (greedy: `batch` problems at a time; candidates: enough problems to fill two batches) and `cache` written after
-    each chunk, so a stopped run loses at most one chunk."""
+    `cache` as far as an earlier run of the same key got, the rest sampled in chunks (greedy: `batch` problems at a
+    time; candidates: enough problems to fill two batches) and `cache` written after each chunk, so a stopped run
+    loses at most one chunk. A file of fewer candidates is extended: sample_n draws candidate k with seed + k, so
+    candidates k.. of a problem are those of a request with seed + k, and the extended list is what an n-candidate
+    request gets. A file of more candidates goes on with as many."""
     sampled = json.loads(cache.read_text()) if cache.exists() else None
-    if sampled is None or sampled["key"] != key or sampled["n"] < n:
+    if sampled is None or sampled["key"] != key:
         sampled = {"key": key, "n": n, "greedy": [], "greedy_s": 0.0, "candidates": [], "candidates_s": 0.0}
-    elif len(sampled["candidates"]) == len(problems):
+    elif sampled["n"] < n:
+        progress.line(f"{cache} holds {sampled['n']} candidates a problem; sampling the other {n - sampled['n']}")
+        sampled["n"] = n
+    n, tokens = sampled["n"], key["tokens"]
+    missing = [i for i in range(len(problems))
+               if i >= len(sampled["candidates"]) or len(sampled["candidates"][i]) < n]
+    if len(sampled["greedy"]) == len(problems) and not missing:
         progress.line(f"greedy replies and candidates from {cache} (sampled in an earlier run)")
-    else:
-        progress.line(f"{len(sampled['greedy'])} greedy replies and {len(sampled['candidates'])} problems' "
+    elif sampled["greedy"] or sampled["candidates"]:
+        progress.line(f"{len(sampled['greedy'])} greedy replies and {len(problems) - len(missing)} problems' "
                       f"candidates from {cache} (an earlier run); sampling the rest")
-    n, tokens = sampled["n"], key["tokens"]  # a file of more candidates goes on with as many
-    chunk = max(1, 2 * batch // n)
     while len(sampled["greedy"]) < len(problems):
         first = len(sampled["greedy"])
         started = time.perf_counter()
@@ -155,17 +162,23 @@ async def sample(engine, cache: Path, key: dict, problems: list[dict], n: int, b
         sampled["greedy_s"] += time.perf_counter() - started
         save_json(cache, sampled)
         progress.tick(f"greedy {len(sampled['greedy'])}/{len(problems)}")
-    while len(sampled["candidates"]) < len(problems):
-        first = len(sampled["candidates"])
+    chunk = max(1, 2 * batch // n)
+    for first in range(0, len(missing), chunk):
+        indices = missing[first:first + chunk]
+        have = [len(sampled["candidates"][i]) if i < len(sampled["candidates"]) else 0 for i in indices]
         started = time.perf_counter()
-        chunks = await asyncio.gather(*(
+        drawn = await asyncio.gather(*(
             engine.sample_n(problem_request(problems[i], i, SamplingParams(max_tokens=tokens, temperature=0.7,
-                                                                           seed=i)), n)
-            for i in range(first, min(first + chunk, len(problems)))))
-        sampled["candidates"] += [[c.text for c in cands] for cands in chunks]
+                                                                           seed=i + k)), n - k)
+            for i, k in zip(indices, have)))
+        for i, cands in zip(indices, drawn):
+            if i < len(sampled["candidates"]):
+                sampled["candidates"][i] += [c.text for c in cands]
+            else:
+                sampled["candidates"].append([c.text for c in cands])
         sampled["candidates_s"] += time.perf_counter() - started
         save_json(cache, sampled)
-        progress.tick(f"candidates {len(sampled['candidates'])}/{len(problems)} problems")
+        progress.tick(f"candidates {first + len(indices)}/{len(missing)} problems")
     return sampled
 
 

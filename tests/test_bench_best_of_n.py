@@ -1,5 +1,5 @@
 """bench/best_of_n.py's sampling of greedy replies and candidates: saved after every chunk, a stopped run goes on from
-where it stopped, a file of another key or of fewer candidates is sampled again (control flow only: a fake engine
+where it stopped, a file of another key is sampled again, one of fewer candidates is extended (control flow only: a fake engine
 whose texts name the problem, the sample and the seed)."""
 
 import asyncio
@@ -55,12 +55,15 @@ def test_sampling_is_saved_per_chunk_and_resumed(tmp_path):
     assert engine.greedy_calls == [] and engine.sampled == [f"p{i}" for i in range(2, 10)]
     assert sampled["candidates"][7] == ["p7-s7", "p7-s8", "p7-s9", "p7-s10"]
     assert json.loads(cache.read_text()) == sampled
-    # A complete file of 4 candidates serves n = 2 without sampling; n = 8 or another key samples everything again.
+    # A complete file of 4 candidates serves n = 2 without sampling; n = 8 samples the 4 missing ones of each problem
+    # (seeds going on from where the file stopped), another key samples everything again.
     again = _NamingEngine()
     assert asyncio.run(sample(again, cache, key, problems, 2, 4, Progress(1)))["n"] == 4 and again.sampled == []
     more = _NamingEngine()
-    assert len(asyncio.run(sample(more, cache, key, problems, 8, 4, Progress(1)))["candidates"][0]) == 8
-    assert len(more.sampled) == 10 and len(more.greedy_calls) == 10
+    extended = asyncio.run(sample(more, cache, key, problems, 8, 4, Progress(1)))
+    assert more.greedy_calls == [] and more.sampled == [f"p{i}" for i in range(10)]
+    assert extended["n"] == 8 and extended["candidates"][3] == [f"p3-s{3 + k}" for k in range(8)]
+    assert json.loads(cache.read_text()) == extended
     other = _NamingEngine()
     asyncio.run(sample(other, cache, key | {"tokens": 32}, problems, 8, 4, Progress(1)))
     assert len(other.sampled) == 10
@@ -77,3 +80,18 @@ def test_a_partial_file_of_more_candidates_goes_on_with_as_many(tmp_path):
 def test_row_points_give_greedy_once():
     assert row_points(["greedy", "random", "pointwise"], [4, 8]) == [
         ("greedy", 1), ("random", 4), ("random", 8), ("pointwise", 4), ("pointwise", 8)]
+
+
+def test_extending_a_stopped_extension_goes_on_per_problem(tmp_path):
+    cache, key = candidates_cache(tmp_path, "deploy/local.yaml", "m", 6, 16)
+    problems = _problems(6)
+    asyncio.run(sample(_NamingEngine(), cache, key, problems, 2, 4, Progress(1)))
+    # n 4, batch 4: two problems a chunk; stopped after the first chunk of the extension
+    with pytest.raises(RuntimeError, match="stopped"):
+        asyncio.run(sample(_NamingEngine(fail_after=2), cache, key, problems, 4, 4, Progress(1)))
+    saved = json.loads(cache.read_text())
+    assert saved["n"] == 4 and [len(c) for c in saved["candidates"]] == [4, 4, 2, 2, 2, 2]
+    engine = _NamingEngine()
+    done = asyncio.run(sample(engine, cache, key, problems, 4, 4, Progress(1)))
+    assert engine.sampled == ["p2", "p3", "p4", "p5"]
+    assert done["candidates"] == [[f"p{i}-s{i + k}" for k in range(4)] for i in range(6)]
