@@ -303,7 +303,8 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xticks([i + width * (len(report["n"]) - 1) / 2 for i in range(len(rows))], rows, rotation=30, ha="right")
     ax.set_ylabel("GSM8K accuracy")
     ax.legend()
-    ax.set_title(f"best-of-N selection: {report['model']}, {report['limit']} problems")
+    writer = "" if report["candidates_model"] == report["model"] else f"{report['candidates_model']} writes, "
+    ax.set_title(f"best-of-N selection, {report['limit']} problems\n{writer}{report['model']} judges", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
