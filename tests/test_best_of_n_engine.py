@@ -20,6 +20,7 @@ from server.engines.base import GenerationRequest
 from server.engines.transformers_engine import TransformersEngine
 from server.errors import DeadlineExceeded
 from server.strategies import registry
+from server.strategies.best_of_n import Judge, Work
 from tests.conftest import EMBEDDED
 
 QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have? End with '#### <number>'."
@@ -151,3 +152,32 @@ def test_a_deadline_in_the_bracket_aborts_it_and_frees_every_slot(engine):
     while engine.load().running and time.time() < deadline:
         time.sleep(0.05)
     assert engine.load().running == 0
+
+
+def test_a_score_comparison_reads_b_in_a_s_forward_when_a_is_judged_correct(engine):
+    """SCORE reads B's tag in the forward of A's, the reply continued with A judged Correct: one forward for a
+    comparison whose A is likelier Correct, two otherwise; the probabilities equal those of two separate reads (the
+    engine told it cannot read a continuation in one forward)."""
+    texts = ["3 + 5 = 8. #### 8", "#### 9", "Tom has 8 apples. #### 8", "He has 2 apples. #### 2"]
+    pairs = [(0, 1), (1, 0), (2, 3), (3, 2), (1, 3)]
+    params = BestOfNParams(n=4, verdict="score", template="math")
+    req = request(params)
+
+    def judge_all():
+        judge = Judge(engine, GROUP, req, params, None, QUESTION, texts, Work())
+        judgements = [j for (j,) in asyncio.run(judge.pairs(pairs))]
+        return judgements, judge.work.forward_passes["smollm2"]
+
+    speculative, forwards = judge_all()
+    engine.score_along_in_one_forward = False
+    try:
+        separate, separate_forwards = judge_all()
+    finally:
+        del engine.score_along_in_one_forward  # back to the class's True
+    firsts = [j.first_score for j in speculative]
+    assert separate_forwards == 2 * len(pairs)
+    assert forwards == sum(1 if p >= 0.5 else 2 for p in firsts), firsts
+    for mine, theirs in zip(speculative, separate):
+        assert (mine.first, mine.second, mine.how) == (theirs.first, theirs.second, theirs.how)
+        assert mine.first_score == pytest.approx(theirs.first_score, abs=1e-4)
+        assert mine.second_score == pytest.approx(theirs.second_score, abs=1e-4)

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import math
 import random
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 from chorus.v1 import decoding_pb2 as pb
 from decoding import best_of_n as bon
@@ -162,8 +162,17 @@ class Judge:
                              len(chunk.token_ids))
 
     async def _score_pair(self, first: int, second: int) -> bon.Judgement:
+        """p(Correct) at A's tag, then at B's tag after A's likelier verdict. An engine that reads every position of
+        a continuation in one forward takes B's read in A's forward, the reply continued as if A were judged
+        Correct: one forward when it is, a second one (B after "Incorrect") when not. The probabilities are those
+        of the two separate reads either way."""
         user = bon.pair_prompt(self.p.template, self.question, self.texts[first], self.texts[second])
-        first_score = await self._p_correct(user, bon.score_prefix(bon.TAG_A))
+        if self.engine.score_along_in_one_forward:
+            first_score, if_correct = await self._p_correct_both(user)
+            if first_score >= 0.5 and if_correct is not None:
+                return bon.Judgement(first, second, first_score, if_correct, "probability")
+        else:
+            first_score = await self._p_correct(user, bon.score_prefix(bon.TAG_A))
         second_score = await self._p_correct(user, bon.score_prefix(bon.TAG_B, [(bon.TAG_A, first_score >= 0.5)]))
         return bon.Judgement(first, second, first_score, second_score, "probability")
 
@@ -180,7 +189,29 @@ class Judge:
         sampling = SamplingParams(max_tokens=1, temperature=0.0)
         logprobs = await self.engine.score(self._request(sampling, prompt=text), [correct, incorrect])
         self.work.forward_passes[self.group.base] = self.work.forward_passes.get(self.group.base, 0) + 1
-        return 1.0 / (1.0 + math.exp(logprobs[1] - logprobs[0]))
+        return _odds(logprobs)
+
+
+    async def _p_correct_both(self, user: str) -> tuple[float, float | None]:
+        """From one forward: p(Correct) at A's tag, and at B's tag after A's line with the verdict Correct (None
+        when the tokens of that reply do not extend A's prompt token for token; then A's read alone)."""
+        tokenizer = self.engine.tokenizer
+        at_a = chat_prompt_text(tokenizer, self._messages(user), bon.score_prefix(bon.TAG_A))
+        at_b = chat_prompt_text(tokenizer, self._messages(user), bon.score_prefix(bon.TAG_B, [(bon.TAG_A, True)]))
+        ids_a, ids_b = tokenizer.encode(at_a), tokenizer.encode(at_b)
+        continuation = ids_b[len(ids_a):] if ids_b[:len(ids_a)] == ids_a and len(ids_b) > len(ids_a) else []
+        reads = [_verdict_token_ids(tokenizer, at_a)]
+        if continuation:
+            reads += [()] * (len(continuation) - 1) + [_verdict_token_ids(tokenizer, at_b)]
+        logprobs = await self.engine.score_along(
+            self._request(SamplingParams(max_tokens=1, temperature=0.0), prompt=at_a), continuation, reads)
+        self.work.forward_passes[self.group.base] = self.work.forward_passes.get(self.group.base, 0) + 1
+        return _odds(logprobs[0]), (_odds(logprobs[-1]) if continuation else None)
+
+
+def _odds(logprobs: Sequence[float]) -> float:
+    """p(Correct) / (p(Correct) + p(Incorrect)) from their log-probabilities."""
+    return 1.0 / (1.0 + math.exp(logprobs[1] - logprobs[0]))
 
 
 def _verdict_token_ids(tokenizer, text: str) -> tuple[int, int]:
