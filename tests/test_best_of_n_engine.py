@@ -181,3 +181,12 @@ def test_a_score_comparison_reads_b_in_a_s_forward_when_a_is_judged_correct(engi
         assert (mine.first, mine.second, mine.how) == (theirs.first, theirs.second, theirs.how)
         assert mine.first_score == pytest.approx(theirs.first_score, abs=1e-4)
         assert mine.second_score == pytest.approx(theirs.second_score, abs=1e-4)
+    # SmolLM2 may judge every A likelier Incorrect, which leaves B's read from A's forward unused above: it is
+    # checked here against its own forward, whatever A's verdict.
+    judge = Judge(engine, GROUP, req, params, None, QUESTION, texts, Work())
+    for first, second in pairs:
+        user = bon.pair_prompt("math", QUESTION, texts[first], texts[second])
+        at_a, b_after_correct = asyncio.run(judge._p_correct_both(user))
+        assert at_a == pytest.approx(asyncio.run(judge._p_correct(user, bon.score_prefix(bon.TAG_A))), abs=1e-4)
+        assert b_after_correct == pytest.approx(asyncio.run(judge._p_correct(
+            user, bon.score_prefix(bon.TAG_B, [(bon.TAG_A, True)]))), abs=1e-4)

@@ -191,7 +191,6 @@ class Judge:
         self.work.forward_passes[self.group.base] = self.work.forward_passes.get(self.group.base, 0) + 1
         return _odds(logprobs)
 
-
     async def _p_correct_both(self, user: str) -> tuple[float, float | None]:
         """From one forward: p(Correct) at A's tag, and at B's tag after A's line with the verdict Correct (None
         when the tokens of that reply do not extend A's prompt token for token; then A's read alone)."""
