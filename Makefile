@@ -98,7 +98,7 @@ bench-quality: install models
 # the embedded default (50 GSM8K problems, 128 tokens, five thresholds, ~30 min on 2 cores) and on the Qwen pair,
 # much smaller there so it fits 2 CPU cores in about 15 minutes (16 problems, 64 tokens, the calibrated threshold
 # only, no log-likelihood pass); PAIR_ENTROPY_ARGS="--tokens 256" runs the full size (50 problems, 256 tokens: at
-# 128 the 1.5B reaches its final answer on none of them) on a bigger machine.
+# 128 the 1.5B reaches its final answer on none of them; about 20 min a point on 2 cores, 2 hours in all).
 PAIR_ENTROPY_ARGS ?= --limit 16 --tokens 64 --scales 1 --no-loglik
 bench-entropy-switch: install models
 	$(BIN)/python -m bench.entropy_switch --config deploy/local.yaml --name entropy-switch
