@@ -108,8 +108,9 @@ bench-entropy-switch: install models
 # Best-of-N (bench/best_of_n.py): a round's judge calls batched vs one at a time, and GSM8K accuracy of greedy, a
 # random candidate, majority vote, oracle, pointwise and knockout selection on shared candidates, N = 4 and 8, on the
 # embedded default. Sized for 2 CPU cores (about 40 min): 50 problems, 96-token candidates, 128-token judge calls,
-# the SCORE knockout only; BON_ARGS="--rows knockout-score-2 knockout-gen knockout-gen-2 ..." adds the other rows
-# (they reuse the sampled candidates), and --config deploy/local-pair.yaml runs the Qwen pair (bench/README.md).
+# the SCORE knockout only; BON_ARGS="--tokens 96 --judge-tokens 128 --speed-problems 0 --rows knockout-score-2
+# knockout-gen knockout-gen-2 --resume" adds the other rows (on the sampled candidates, keeping the rows measured:
+# about an hour), and --config deploy/local-pair.yaml runs the Qwen pair (bench/README.md).
 BON_ARGS ?= --tokens 96 --judge-tokens 128 --speed-problems 3 --rows greedy random majority oracle pointwise knockout-score
 bench-best-of-n: install models
 	$(BIN)/python -m bench.best_of_n --config deploy/local.yaml --name best-of-n $(BON_ARGS)
